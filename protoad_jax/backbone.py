@@ -1,0 +1,152 @@
+"""Flax port of torchvision's ResNet-bottleneck family (resnet50, wide_resnet50_2, wide_resnet101_2).
+
+Module names mirror torchvision ``state_dict`` keys (``conv1``, ``bn1``, ``layer2/0/downsample/0``),
+so converting weights is rename + transpose. Inputs and features are NHWC.
+Torch numerics are explicit: symmetric padding ``((p, p), (p, p))`` (never ``'SAME'``, which
+pads (0, 1) at stride 2), max-pool pads with -inf, BatchNorm in eval mode with eps 1e-5,
+stride on the 3x3 conv (torchvision's "ResNet v1.5").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """A bottleneck ResNet: blocks per stage and the bottleneck width multiplier."""
+
+    name: str
+    layers: tuple[int, int, int, int]
+    width_per_group: int = 64
+
+
+ARCHS = {
+    "resnet50": Arch("resnet50", (3, 4, 6, 3)),
+    "wide_resnet50_2": Arch("wide_resnet50_2", (3, 4, 6, 3), 128),
+    "wide_resnet101_2": Arch("wide_resnet101_2", (3, 4, 23, 3), 128),
+}
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
+NUM_CLASSES = 1000
+BN_EPS = 1e-5
+
+
+def get_arch(name: str) -> Arch:
+    if name not in ARCHS:
+        raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHS)}")
+    return ARCHS[name]
+
+
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+    p = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((p, p), (p, p)), use_bias=False, dtype=dtype, name=name)
+
+
+def _bn(dtype: Any, name: str) -> nn.BatchNorm:
+    # Eval-mode BatchNorm, torch's epsilon; statistics live in the "batch_stats" collection.
+    return nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, dtype=dtype, name=name)
+
+
+class Downsample(nn.Module):
+    """torchvision's ``downsample`` Sequential: 1x1 strided conv (``0``) then BatchNorm (``1``)."""
+
+    features: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _conv(self.features, 1, self.stride, self.dtype, "0")(x)
+        return _bn(self.dtype, "1")(x)
+
+
+class Bottleneck(nn.Module):
+    """torchvision ``Bottleneck``: 1x1 -> 3x3 (stride here) -> 1x1 (x4), residual, ReLU."""
+
+    planes: int
+    width: int
+    stride: int = 1
+    downsample: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        identity = x
+        out = nn.relu(_bn(self.dtype, "bn1")(_conv(self.width, 1, 1, self.dtype, "conv1")(x)))
+        out = nn.relu(_bn(self.dtype, "bn2")(_conv(self.width, 3, self.stride, self.dtype, "conv2")(out)))
+        out = _bn(self.dtype, "bn3")(_conv(self.planes * 4, 1, 1, self.dtype, "conv3")(out))
+        if self.downsample:
+            identity = Downsample(self.planes * 4, self.stride, self.dtype, name="downsample")(x)
+        return nn.relu(out + identity)
+
+
+class Stage(nn.Module):
+    """One ``layerN`` Sequential; its blocks are named ``0``, ``1``, ... like torch's."""
+
+    planes: int
+    blocks: int
+    stride: int
+    width: int
+    in_features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        needs_ds = self.stride != 1 or self.in_features != self.planes * 4
+        for i in range(self.blocks):
+            x = Bottleneck(self.planes, self.width, self.stride if i == 0 else 1,
+                           downsample=needs_ds and i == 0, dtype=self.dtype, name=str(i))(x)
+        return x
+
+
+class ResNet(nn.Module):
+    """Bottleneck ResNet trunk returning named stage features.
+
+    Attributes:
+      arch: architecture name, one of ``ARCHS``.
+      dtype: compute dtype (``jnp.float32`` default; ``jnp.bfloat16`` allowed). Parameters stay float32.
+      last_stage: deepest stage computed: ``"layer3"`` (default, ProtoAD), ``"layer4"``, or
+        ``"fc"`` (layer4, global average pool and the ImageNet classifier, as ``feats["fc"]``).
+    """
+
+    arch: str = "wide_resnet50_2"
+    dtype: Any = jnp.float32
+    last_stage: str = "layer3"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+        """Args: x ``[n, h, w, 3]`` normalised images. Returns ``{stage: [n, h', w', c]}``."""
+        spec = get_arch(self.arch)
+        if self.last_stage not in STAGES[1:]:
+            raise ValueError(f"last_stage must be one of {STAGES[1:]}, got {self.last_stage!r}")
+        x = x.astype(self.dtype)
+        x = nn.relu(_bn(self.dtype, "bn1")(_conv(64, 7, 2, self.dtype, "conv1")(x)))
+        feats = {"stem": x}
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+        in_features = 64
+        depth = STAGES.index(self.last_stage)
+        for s, (planes, blocks) in enumerate(zip((64, 128, 256, 512), spec.layers), start=1):
+            if s > depth:
+                break
+            width = planes * spec.width_per_group // 64
+            x = Stage(planes, blocks, 1 if s == 1 else 2, width, in_features, self.dtype,
+                      name=f"layer{s}")(x)
+            in_features = planes * 4
+            feats[f"layer{s}"] = x
+        if self.last_stage == "fc":
+            feats["fc"] = nn.Dense(NUM_CLASSES, dtype=self.dtype, name="fc")(jnp.mean(x, axis=(1, 2)))
+        return feats
+
+
+def abstract_variables(arch: str = "wide_resnet50_2", last_stage: str = "layer3",
+                       size: int = 224) -> dict:
+    """Shapes and dtypes of the model's variables, via ``jax.eval_shape`` (no FLOPs, no memory)."""
+    model = ResNet(arch=arch, last_stage=last_stage)
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), x)
