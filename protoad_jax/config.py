@@ -1,0 +1,76 @@
+"""The method's settings, in one frozen dataclass (SPEC.md sections 1 and 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EMBED_LAYERS = ("layer1", "layer2", "layer3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """ProtoAD settings. Defaults follow SPEC.md; every field is stored with a fitted model.
+
+    Attributes:
+      arch: backbone, a key of ``backbone.ARCHS``.
+      resize: shorter side after PIL LANCZOS resize.
+      image_size: center-crop size; the evaluation resolution.
+      normalize_prototypes: L2-normalise prototypes (true cosine, the paper). False reproduces
+        the published reference code exactly (raw cluster means as 1x1 kernels).
+      sigma: Gaussian smoothing sigma of the upsampled map (pixels); 0 disables it.
+      truncate: Gaussian truncation in sigmas (scipy's ``truncate``).
+      image_score: ``"smoothed_max"`` (reference code: max of the smoothed map) or
+        ``"patch_max"`` (the paper's equation: max of the raw patch map).
+      clustering: ``"finch"`` or ``"kmeans"``.
+      num_prototypes: K. For FINCH, the required number of clusters; ``None`` takes the FINCH
+        partition given by ``finch_level``.
+      finch_level: FINCH level used when ``num_prototypes`` is None (0 = finest).
+      spherical: k-means with cosine assignment on L2-normalised patches.
+      max_patches: subsample the training patches to at most this many (seeded); None = all.
+      seed: PRNG seed for subsampling and k-means++.
+      dtype: backbone compute dtype, ``"float32"`` or ``"bfloat16"``.
+    """
+
+    arch: str = "wide_resnet50_2"
+    resize: int = 256
+    image_size: int = 224
+    normalize_prototypes: bool = True
+    sigma: float = 4.0
+    truncate: float = 4.0
+    image_score: str = "smoothed_max"
+    clustering: str = "finch"
+    num_prototypes: int | None = 1000
+    finch_level: int = 0
+    spherical: bool = True
+    max_patches: int | None = None
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        checks = {
+            "image_score": (self.image_score, ("smoothed_max", "patch_max")),
+            "clustering": (self.clustering, ("finch", "kmeans")),
+            "dtype": (self.dtype, ("float32", "bfloat16")),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"Config.{name} must be one of {allowed}, got {value!r}")
+        if self.num_prototypes is not None and self.num_prototypes < 1:
+            raise ValueError(f"Config.num_prototypes must be >= 1 or None, got {self.num_prototypes}")
+        if self.image_size > self.resize:
+            raise ValueError(f"Config.image_size ({self.image_size}) must not exceed resize ({self.resize})")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"model config has unknown fields {unknown}; written by a newer protoad_jax?")
+        return cls(**data)
