@@ -8,6 +8,7 @@ import json
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EMBED_LAYERS = ("layer1", "layer2", "layer3")
+EMBED_CHANNELS = 256 + 512 + 1024  # layer1..3 widths of every bottleneck ResNet
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,371 @@
+"""The one place that jits and batches: fit(), make_scorer(), batch scoring, model files.
+
+Library functions elsewhere are per-image and plain; here they are composed into two jitted
+regions, each built once per static configuration and cached (15 categories never recompile):
+  * ``_embed_fn``: images ``[b, s, s, 3]`` -> L2-normalised patch embeddings ``[b, h, w, 1792]``;
+  * ``_score_fn``: images ``[b, s, s, 3]`` -> ``ScoreResult`` batched (backbone -> embed -> head).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from protoad_jax import backbone, data, features, finch, kmeans, scoring
+from protoad_jax.config import EMBED_CHANNELS, EMBED_LAYERS, Config
+from protoad_jax.progress import Progress
+
+FORMAT_VERSION = 1
+# Patches are stored on the host in float16 above this many bytes of float32 (halves memory at
+# MVTec scale: 1.23M x 1792 is 8.8 GB in float32); clustering computes in float32 per chunk.
+FLOAT16_PATCHES_ABOVE_BYTES = 4 << 30
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """A fitted ProtoAD model.
+
+    Attributes:
+      prototypes: ``[k, c]`` float32, exactly as the head uses them (L2-normalised when
+        ``config.normalize_prototypes``).
+      config: the method settings.
+      weights: path of the backbone ``.npz`` the prototypes were fitted with.
+      threshold: image-score threshold for anomalous/normal decisions, or None.
+      info: fit statistics (number of images and patches, timings, clustering details).
+    """
+
+    prototypes: np.ndarray
+    config: Config
+    weights: str | None = None
+    threshold: float | None = None
+    info: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_prototypes(self) -> int:
+        return int(self.prototypes.shape[0])
+
+    def with_threshold(self, threshold: float | None, rule: str | None = None) -> "Model":
+        info = dict(self.info, threshold_rule=rule) if rule else self.info
+        return dataclasses.replace(self, threshold=threshold, info=info)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes one ``.npz`` (no pickles) atomically: prototypes, config JSON, metadata JSON."""
+        path = Path(path)
+        meta = {"weights": self.weights, "threshold": self.threshold, "info": self.info}
+        arrays = {
+            "format_version": np.array(FORMAT_VERSION, np.int64),
+            "prototypes": np.asarray(self.prototypes, np.float32),
+            "config": np.array(self.config.to_json()),
+            "meta": np.array(json.dumps(meta, sort_keys=True, default=_json_default)),
+        }
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+        return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_model(path: str | os.PathLike) -> Model:
+    """Reads a model written by ``Model.save``.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the file is truncated or not a protoad_jax model, or of another format version.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file {path} does not exist; fit one with protoad_jax.fit() "
+                                "or scripts/evaluate.py (it writes <output_dir>/<category>/model.npz)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            contents = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"model file {path} is truncated or not an .npz written by protoad_jax "
+                         f"({type(e).__name__}: {e}); re-create it with Model.save()") from e
+    missing = {"format_version", "prototypes", "config", "meta"} - set(contents)
+    if missing:
+        raise ValueError(f"{path} is not a protoad_jax model file: missing {sorted(missing)}")
+    version = int(contents["format_version"])
+    if version != FORMAT_VERSION:
+        raise ValueError(f"model file {path} has format version {version}; this protoad_jax reads "
+                         f"version {FORMAT_VERSION}. Refit the model with this version.")
+    meta = json.loads(str(contents["meta"]))
+    config = Config.from_json(str(contents["config"]))
+    prototypes = np.asarray(contents["prototypes"], np.float32)
+    scoring.prepare_prototypes(prototypes, normalize=False)  # validates rank, K >= 1, finite values
+    return Model(prototypes, config, meta.get("weights"), meta.get("threshold"), meta.get("info", {}))
+
+
+# ----------------------------------------------------------------------------- jitted regions
+
+
+def _dtype(name: str) -> Any:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _embed_batch(net: backbone.ResNet, variables: dict, images: jax.Array) -> jax.Array:
+    """``[b, s, s, 3]`` -> per-position embeddings ``[b, h, w, 1792]`` (float32)."""
+    feats = net.apply(variables, images)
+    return jax.vmap(features.embed)({k: feats[k] for k in EMBED_LAYERS})
+
+
+@functools.cache
+def _embed_fn(arch: str, dtype: str, out_dtype: str) -> Callable:
+    net = backbone.ResNet(arch=arch, dtype=_dtype(dtype))
+
+    @jax.jit
+    def fn(variables, images):
+        return scoring.l2_normalize(_embed_batch(net, variables, images)).astype(out_dtype)
+
+    return fn
+
+
+@functools.cache
+def _score_fn(arch: str, dtype: str, image_size: int, sigma: float, truncate: float,
+              image_score: str, chunk_size: int | None) -> Callable:
+    net = backbone.ResNet(arch=arch, dtype=_dtype(dtype))
+    head = functools.partial(scoring.score_image, out_size=(image_size, image_size), sigma=sigma,
+                             truncate=truncate, image_score=image_score, chunk_size=chunk_size)
+
+    @jax.jit
+    def fn(variables, prototypes, images):
+        emb = _embed_batch(net, variables, images)
+        return jax.vmap(head, in_axes=(0, None))(emb, prototypes)
+
+    return fn
+
+
+def _score_config(config: Config, chunk_size: int | None) -> tuple:
+    return (config.arch, config.dtype, config.image_size, float(config.sigma), float(config.truncate),
+            config.image_score, chunk_size)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def check_images(images: Any, image_size: int) -> None:
+    """Raises ValueError unless ``images`` is ``[b, image_size, image_size, 3]`` float32 of finite values."""
+    shape, dtype = tuple(np.shape(images)), getattr(images, "dtype", None)
+    if len(shape) != 4 or shape[1:] != (image_size, image_size, 3):
+        raise ValueError(f"images must be [batch, {image_size}, {image_size}, 3] (NHWC, preprocessed with "
+                         f"protoad_jax.preprocess_image); got shape {shape}")
+    if dtype != np.float32:
+        raise ValueError(f"images must be float32 (ImageNet-normalised); got dtype {dtype}. "
+                         "Use protoad_jax.preprocess_image, which returns float32.")
+    if not isinstance(images, jax.core.Tracer) and not np.isfinite(np.asarray(images)).all():
+        raise ValueError("images contain NaN or inf pixels; check the decoding and normalisation")
+
+
+def iter_batches(images: Sequence[Any], batch_size: int, config: Config, *, skip_bad: bool = False,
+                 ) -> Iterator[tuple[np.ndarray, int]]:
+    """Yields ``(batch [batch_size, s, s, 3] float32, n_valid)``; the last batch is zero-padded
+    to ``batch_size`` so a jitted consumer sees one shape and never recompiles.
+
+    ``images`` holds image paths (decoded on a thread pool with prefetch) or preprocessed arrays.
+    """
+    if len(images) and isinstance(images[0], (str, os.PathLike)):
+        for batch, paths in data.batched(images, batch_size, resize=config.resize,
+                                         crop=config.image_size, skip_bad=skip_bad):
+            yield _pad(batch, batch_size), len(paths)
+        return
+    for start in range(0, len(images), batch_size):
+        chunk = np.stack([np.asarray(a) for a in images[start:start + batch_size]])
+        check_images(chunk, config.image_size)
+        yield _pad(chunk, batch_size), len(chunk)
+
+
+def _pad(batch: np.ndarray, batch_size: int) -> np.ndarray:
+    if len(batch) == batch_size:
+        return batch
+    pad = np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)
+    return np.concatenate([batch, pad])
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def load_backbone(weights: str | os.PathLike, arch: str = "wide_resnet50_2") -> dict:
+    """Backbone variables from a converted ``.npz`` (see scripts/convert_weights.py)."""
+    from protoad_jax import weights as weights_lib
+
+    return jax.device_put(weights_lib.load_variables(weights, arch=arch, last_stage="layer3"))
+
+
+def extract_patches(images: Sequence[Any], variables: dict, config: Config, *, batch_size: int = 8,
+                    progress: bool = True) -> np.ndarray:
+    """All (or ``config.max_patches`` seeded-sampled) L2-normalised patch embeddings ``[n, 1792]``."""
+    per_image = (config.image_size // 4) ** 2
+    total = len(images) * per_image
+    keep = None
+    if config.max_patches is not None and config.max_patches < total:
+        rng = np.random.default_rng(config.seed)
+        keep = np.sort(rng.choice(total, size=config.max_patches, replace=False))
+    n_out = total if keep is None else len(keep)
+    channels = EMBED_CHANNELS
+    store = np.float16 if n_out * channels * 4 > FLOAT16_PATCHES_ABOVE_BYTES else np.float32
+    out = np.empty((n_out, channels), store)
+    fn = _embed_fn(config.arch, config.dtype, np.dtype(store).name)
+    pos = written = 0
+    with Progress("features", len(images), "img", progress) as bar:
+        for batch, n_valid in iter_batches(images, batch_size, config):
+            emb = np.asarray(fn(variables, jnp.asarray(batch)))[:n_valid].reshape(-1, channels)
+            if keep is not None:
+                lo, hi = np.searchsorted(keep, [pos, pos + len(emb)])
+                emb = emb[keep[lo:hi] - pos]
+            out[written:written + len(emb)] = emb
+            pos += n_valid * per_image
+            written += len(emb)
+            bar.update(n_valid)
+    return out[:written]
+
+
+def cluster(patches: np.ndarray, config: Config, *, progress: bool = True) -> tuple[np.ndarray, dict]:
+    """Prototypes ``[k, c]`` (cluster means of the patches) and clustering details."""
+    info: dict[str, Any] = {"clustering": config.clustering}
+    with Progress(f"clustering ({config.clustering})", None, "", progress):
+        if config.clustering == "kmeans":
+            if config.num_prototypes is None:
+                raise ValueError("k-means needs num_prototypes (K); got None")
+            res = kmeans.kmeans(patches, min(config.num_prototypes, len(patches)),
+                                jax.random.key(config.seed), spherical=config.spherical)
+            info.update(iterations=int(res.iterations), inertia=float(res.inertia))
+            centres = np.asarray(res.centroids)
+        else:
+            res = finch.finch(patches, num_clusters=config.num_prototypes)
+            info["finch_levels"] = [int(c) for c in res.num_clusters]
+            if config.num_prototypes is None:
+                level = min(config.finch_level, len(res.means) - 1)
+                info["finch_level"] = level
+                centres = np.asarray(res.means[level])
+            else:
+                centres = np.asarray(res.required_means)
+    return centres, info
+
+
+def fit(images: Iterable[Any], weights: str | os.PathLike | None = None, clustering: str = "finch",
+        num_prototypes: int | None = 1000, seed: int = 0, *, config: Config | None = None,
+        variables: dict | None = None, batch_size: int = 8, progress: bool = True, **settings) -> Model:
+    """Fits ProtoAD prototypes on normal images.
+
+    Args:
+      images: image paths, or preprocessed ``[s, s, 3]`` float32 arrays (``preprocess_image``).
+      weights: backbone ``.npz`` from scripts/convert_weights.py (ignored when ``variables`` is given).
+      clustering: ``"finch"`` (the paper) or ``"kmeans"``.
+      num_prototypes: K; for FINCH the required number of clusters, None = FINCH level ``finch_level``.
+      seed: seed for patch subsampling and k-means++.
+      config: full settings; when given, ``clustering``, ``num_prototypes``, ``seed`` and
+        ``settings`` must be left at their defaults.
+      variables: backbone variables already in memory (skips loading ``weights``).
+      batch_size: images per jitted backbone call.
+      settings: other ``Config`` fields (``max_patches``, ``normalize_prototypes``, ``image_score``...).
+
+    Returns:
+      A ``Model``; ``model.save(path)`` writes it.
+
+    Raises:
+      ValueError: empty training set, bad images, bad settings.
+    """
+    if config is None:
+        config = Config(clustering=clustering, num_prototypes=num_prototypes, seed=seed, **settings)
+    images = list(images)
+    if not images:
+        raise ValueError("fit() got an empty training set; pass at least one normal image")
+    if variables is None:
+        if weights is None:
+            raise ValueError("fit() needs backbone weights: weights=PATH.npz (scripts/convert_weights.py)")
+        variables = load_backbone(weights, config.arch)
+    t0 = time.perf_counter()
+    patches = extract_patches(images, variables, config, batch_size=batch_size, progress=progress)
+    t1 = time.perf_counter()
+    centres, info = cluster(patches, config, progress=progress)
+    t2 = time.perf_counter()
+    prototypes = np.asarray(scoring.prepare_prototypes(centres, config.normalize_prototypes))
+    info.update(num_images=len(images), num_patches=int(len(patches)), patch_dtype=patches.dtype.name,
+                seconds_features=round(t1 - t0, 3), seconds_clustering=round(t2 - t1, 3))
+    return Model(prototypes, config, str(weights) if weights is not None else None, info=info)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int | None = None
+                ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+    """A pure, jitted function ``images [b, s, s, 3] float32 -> (maps [b, s, s], scores [b])``.
+
+    The backbone runs batched; the head is vmapped per image. It can be called inside the
+    user's own ``jax.jit`` and ``jax.vmap``. ``chunk_size`` bounds the head's memory for large K
+    (a running max over prototype chunks).
+    """
+    if variables is None:
+        if model.weights is None:
+            raise ValueError("model has no backbone weights path; pass variables= or weights")
+        variables = load_backbone(model.weights, model.config.arch)
+    fn = _score_fn(*_score_config(model.config, chunk_size))
+    prototypes = jnp.asarray(model.prototypes)
+    size = model.config.image_size
+
+    def scorer(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        check_images(images, size)
+        res = fn(variables, prototypes, images)
+        return res.anomaly_map, res.score
+
+    return scorer
+
+
+@dataclasses.dataclass
+class ScoredImages:
+    """Per-image results of ``score_images``: maps ``[n, s, s]``, scores ``[n]``, patch maps ``[n, h, w]``."""
+
+    maps: np.ndarray
+    scores: np.ndarray
+    patch_maps: np.ndarray
+
+
+def score_images(model: Model, images: Sequence[Any], variables: dict | None = None, *,
+                 batch_size: int = 8, progress: bool = True, chunk_size: int | None = None,
+                 ) -> ScoredImages:
+    """Scores paths or preprocessed arrays in fixed-size batches (one compile for any count)."""
+    if variables is None:
+        variables = load_backbone(model.weights, model.config.arch)
+    fn = _score_fn(*_score_config(model.config, chunk_size))
+    prototypes = jnp.asarray(model.prototypes)
+    maps, scores, patch_maps = [], [], []
+    with Progress("scoring", len(images), "img", progress) as bar:
+        for batch, n_valid in iter_batches(list(images), batch_size, model.config):
+            res = jax.device_get(fn(variables, prototypes, jnp.asarray(batch)))
+            maps.append(res.anomaly_map[:n_valid])
+            scores.append(res.score[:n_valid])
+            patch_maps.append(res.patch_map[:n_valid])
+            bar.update(n_valid)
+    return ScoredImages(np.concatenate(maps), np.concatenate(scores), np.concatenate(patch_maps))
