@@ -1,0 +1,293 @@
+"""Evaluation metrics (SPEC.md section 3): image/pixel AUROC, AU-PRO, F1-max.
+
+Metrics run on the host in plain NumPy, exactly (no binning): every threshold is a distinct
+score value, found by one sort of all scores. A score ``>= threshold`` is predicted anomalous.
+
+Undefined metrics return ``None`` instead of raising, so one degenerate category does not
+abort a 15-category evaluation; the caller decides whether to warn:
+- AUROC is ``None`` when only one class is present;
+- F1-max is ``None`` when there are no positives (recall is 0/0);
+- AU-PRO is ``None`` when there is no ground-truth region or no normal pixel.
+
+Inputs may be NumPy or JAX arrays. Labels and masks are bool, or numbers that are exactly 0
+or 1. NaN scores raise. Memory is O(number of pixels): for MVTec sizes (150 x 224 x 224 = 7.5M
+pixels) a few hundred MB at most, no Python-level per-pixel or per-threshold loops.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+
+class F1Max(NamedTuple):
+    """Best F1 over all thresholds, and the highest threshold that attains it (``score >= t``)."""
+
+    f1: float
+    threshold: float
+
+
+# --- validation --------------------------------------------------------------------------------
+
+def _binary(values: Any, what: str) -> np.ndarray:
+    y = np.asarray(values)
+    if y.dtype == bool:
+        return y
+    if y.dtype.kind not in "iuf":
+        raise TypeError(f"{what} must be bool or 0/1 numbers, got dtype {y.dtype}")
+    if not np.all((y == 0) | (y == 1)):
+        found = np.unique(y[(y != 0) & (y != 1)])[:5]
+        raise ValueError(f"{what} must contain only 0/1 (or bool), found values like {found.tolist()}")
+    return y != 0
+
+
+def _scores(values: Any, what: str) -> np.ndarray:
+    s = np.asarray(values)
+    if s.dtype.kind not in "biuf":
+        raise TypeError(f"{what} must be real numbers, got dtype {s.dtype}")
+    if s.dtype.kind == "f":
+        nan = int(np.count_nonzero(np.isnan(s)))
+        if nan:
+            raise ValueError(f"{what} contains {nan} NaN value(s) of {s.size}; scores must not be NaN")
+    return s
+
+
+def _pair(labels: Any, scores: Any, names: tuple[str, str], ndim: int, fn: str):
+    y = _binary(labels, f"{fn}: {names[0]}")
+    s = _scores(scores, f"{fn}: {names[1]}")
+    if y.shape != s.shape or y.ndim != ndim:
+        layout = "[n]" if ndim == 1 else "[n, h, w]"
+        raise ValueError(f"{fn}: {names[0]} and {names[1]} must have the same shape {layout}; "
+                         f"got {names[0]} {y.shape} and {names[1]} {s.shape}")
+    return y, s
+
+
+# --- the shared exact curve --------------------------------------------------------------------
+
+def _curve(y: np.ndarray, s: np.ndarray):
+    """Counts at every distinct threshold, highest first (sklearn's ``_binary_clf_curve``).
+
+    Args:
+      y: [m] bool, positives.
+      s: [m] scores.
+    Returns:
+      fps, tps: [t] int64, negatives and positives with score >= thresholds[i].
+      thresholds: [t] the distinct scores, descending.
+    """
+    y = y.ravel()
+    s = s.ravel()
+    order = np.argsort(s, kind="stable")[::-1]
+    s_sorted = s[order]
+    tps = np.cumsum(y[order], dtype=np.int64)
+    del order
+    # Keep the last of each run of tied scores: all tied pixels switch together.
+    last = np.flatnonzero(s_sorted[1:] != s_sorted[:-1])
+    last = np.append(last, s.size - 1)
+    tps = tps[last]
+    fps = (last + 1) - tps
+    return fps, tps, s_sorted[last]
+
+
+def _auroc(y: np.ndarray, s: np.ndarray) -> float | None:
+    num_pos = int(np.count_nonzero(y))
+    num_neg = y.size - num_pos
+    if num_pos == 0 or num_neg == 0:
+        return None
+    fps, tps, _ = _curve(y, s)
+    # Trapezoid rule on the ROC staircase in integers, one rounding at the end: each step adds
+    # dfp * (tp_prev + tp) / 2 in units of 1 / (P * N); ties give the diagonal (the 1/2 credit).
+    dfp = np.diff(fps, prepend=0)
+    tp_sum = tps + np.concatenate([[0], tps[:-1]])
+    twice_area = int(np.dot(dfp, tp_sum))  # <= 2 * P * N, fits int64 for any realistic size
+    return twice_area / (2 * num_pos * num_neg)
+
+
+def _f1_max(y: np.ndarray, s: np.ndarray) -> F1Max | None:
+    num_pos = int(np.count_nonzero(y))
+    if num_pos == 0:
+        return None
+    fps, tps, thresholds = _curve(y, s)
+    # F1 = 2 P R / (P + R) = 2 tp / (tp + fp + num_pos): never 0/0 while num_pos > 0.
+    f1 = 2.0 * tps / (tps + fps + num_pos)
+    best = int(np.argmax(f1))  # first maximum = highest threshold
+    return F1Max(float(f1[best]), thresholds[best].item())
+
+
+# --- public metrics ----------------------------------------------------------------------------
+
+def image_auroc(labels: Any, scores: Any) -> float | None:
+    """Image-level ROC AUC; equals sklearn ``roc_auc_score(labels, scores)``.
+
+    Args:
+      labels: [n] bool or 0/1, True = anomalous.
+      scores: [n] anomaly scores (higher = more anomalous).
+    Returns:
+      The AUC, or None when only one class is present (the AUC is undefined).
+    Raises:
+      ValueError: shapes differ, labels are not binary, or scores contain NaN.
+    """
+    y, s = _pair(labels, scores, ("labels", "scores"), 1, "image_auroc")
+    return _auroc(y, s)
+
+
+def pixel_auroc(masks: Any, maps: Any) -> float | None:
+    """Pixel-level ROC AUC over all pixels of all images pooled (normal images give negatives).
+
+    Args:
+      masks: [n, h, w] bool or 0/1 ground truth, True = anomalous pixel.
+      maps: [n, h, w] anomaly maps.
+    Returns:
+      The AUC, or None when the pooled pixels hold only one class.
+    Raises:
+      ValueError: shapes differ or are not [n, h, w], masks not binary, or maps contain NaN.
+    """
+    y, s = _pair(masks, maps, ("masks", "maps"), 3, "pixel_auroc")
+    return _auroc(y, s)
+
+
+def f1_max(labels: Any, scores: Any) -> F1Max | None:
+    """Image-level F1-max: the best F1 over all thresholds of the precision-recall curve.
+
+    Thresholds are the distinct scores (sklearn ``precision_recall_curve`` semantics); an image
+    is predicted anomalous when ``score >= threshold``.
+
+    Args:
+      labels: [n] bool or 0/1, True = anomalous.
+      scores: [n] anomaly scores.
+    Returns:
+      ``F1Max(f1, threshold)`` with the highest threshold attaining the maximum, or None when
+      there are no positives (recall is undefined).
+    Raises:
+      ValueError: shapes differ, labels are not binary, or scores contain NaN.
+    """
+    y, s = _pair(labels, scores, ("labels", "scores"), 1, "f1_max")
+    return _f1_max(y, s)
+
+
+def pixel_f1_max(masks: Any, maps: Any) -> F1Max | None:
+    """Pixel-level F1-max over all pixels of all images pooled; see ``f1_max``.
+
+    Args:
+      masks: [n, h, w] bool or 0/1 ground truth.
+      maps: [n, h, w] anomaly maps.
+    Returns:
+      ``F1Max(f1, threshold)``, or None when no pixel is anomalous.
+    Raises:
+      ValueError: shapes differ or are not [n, h, w], masks not binary, or maps contain NaN.
+    """
+    y, s = _pair(masks, maps, ("masks", "maps"), 3, "pixel_f1_max")
+    return _f1_max(y, s)
+
+
+def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float | None:
+    """Normalised area under the per-region-overlap curve up to ``fpr_limit`` (MVTec official).
+
+    Ground-truth regions are the 8-connected components of each image's mask. At each distinct
+    threshold, FPR is over the normal pixels of all images pooled and PRO is the mean, over all
+    regions of all images, of the fraction of the region at or above the threshold. The curve
+    (with (0, 0) and (1, 1) added) is integrated by the trapezoid rule up to ``fpr_limit``,
+    interpolating linearly at ``fpr_limit``, and divided by ``fpr_limit``. Computed exactly from
+    one sort of all pixels (the official code does the same, with a float32 FPR).
+
+    Args:
+      masks: [n, h, w] bool or 0/1 ground truth.
+      maps: [n, h, w] anomaly maps.
+      fpr_limit: upper FPR integration limit, in (0, 1].
+    Returns:
+      The AU-PRO in [0, 1], or None when there is no anomalous region or no normal pixel.
+    Raises:
+      ValueError: shapes differ or are not [n, h, w], masks not binary, maps contain NaN, or
+        fpr_limit is outside (0, 1].
+    """
+    from scipy import ndimage  # lazy: keeps `import protoad_jax.metrics` cheap
+
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"aupro: fpr_limit must be in (0, 1], got {fpr_limit}")
+    y, s = _pair(masks, maps, ("masks", "maps"), 3, "aupro")
+    # 8-connectivity within each image, none across images: a 3x3x3 structure whose only
+    # non-zero slice is the middle one labels all images at once with globally unique ids.
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True
+    regions, num_regions = ndimage.label(y, structure=structure)
+    regions = regions.ravel()
+    num_normal = int(np.count_nonzero(regions == 0))
+    if num_regions == 0 or num_normal == 0:
+        return None
+
+    # Per pixel: a normal pixel adds 1 to the FP count; a pixel of region r adds
+    # 1 / (|r| * num_regions) to PRO.
+    sizes = np.bincount(regions, minlength=num_regions + 1).astype(np.float64)
+    pro_step = 1.0 / (sizes * num_regions)
+    pro_step[0] = 0.0
+
+    s = s.ravel()
+    order = np.argsort(s, kind="stable")[::-1]
+    s_sorted = s[order]
+    regions_sorted = regions[order]
+    del order, regions
+    fp = np.cumsum(regions_sorted == 0, dtype=np.int64)
+    pro = pro_step[regions_sorted]
+    del regions_sorted
+    np.cumsum(pro, out=pro)
+    last = np.flatnonzero(s_sorted[1:] != s_sorted[:-1])  # drop all but the last of tied scores
+    last = np.append(last, s.size - 1)
+    del s_sorted
+    fpr = np.minimum(fp[last] / num_normal, 1.0)
+    pro = np.minimum(pro[last], 1.0)
+    fpr = np.concatenate([[0.0], fpr, [1.0]])
+    pro = np.concatenate([[0.0], pro, [1.0]])
+    return _trapezoid_to(fpr, pro, fpr_limit) / fpr_limit
+
+
+def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under y(x) for x <= x_max, interpolating at x_max (MVTec ``trapezoid``).
+
+    ``x`` is non-decreasing, ``x[0] <= x_max <= x[-1]``; repeated x (vertical steps) add nothing.
+    """
+    keep = int(np.searchsorted(x, x_max, side="right"))  # x[:keep] <= x_max < x[keep:]
+    area = float(np.sum(0.5 * (y[1:keep] + y[:keep - 1]) * np.diff(x[:keep])))
+    if x[keep - 1] < x_max:
+        # Highest point before x_max to the first point after it.
+        x0, x1, y0, y1 = x[keep - 1], x[keep], y[keep - 1], y[keep]
+        y_max = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+        area += 0.5 * (y0 + y_max) * (x_max - x0)
+    return area
+
+
+def evaluate_all(image_labels: Any, image_scores: Any, masks: Any | None,
+                 maps: Any | None) -> dict[str, float | None]:
+    """All SPEC.md section 3 metrics of one test set.
+
+    Args:
+      image_labels: [n] bool or 0/1, True = anomalous image.
+      image_scores: [n] image anomaly scores.
+      masks: [n, h, w] ground-truth masks, or None (no pixel annotations).
+      maps: [n, h, w] anomaly maps; unused (may be None) when masks is None.
+    Returns:
+      ``{"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"}`` as floats;
+      each is None when undefined (see the module docstring), the pixel ones when masks is None.
+    Raises:
+      ValueError: inconsistent shapes or image counts, non-binary labels/masks, NaN scores.
+    """
+    image_f1 = f1_max(image_labels, image_scores)
+    out = {
+        "image_auroc": image_auroc(image_labels, image_scores),
+        "pixel_auroc": None,
+        "aupro": None,
+        "image_f1_max": None if image_f1 is None else image_f1.f1,
+        "pixel_f1_max": None,
+    }
+    if masks is None:
+        return out
+    if maps is None:
+        raise ValueError("evaluate_all: masks were given but maps is None")
+    n, n_masks = np.shape(image_labels)[0], np.shape(masks)[0]
+    if n_masks != n:
+        raise ValueError(f"evaluate_all: {n} image labels but masks hold {n_masks} images "
+                         f"(masks shape {np.shape(masks)})")
+    pixel_f1 = pixel_f1_max(masks, maps)
+    out["pixel_auroc"] = pixel_auroc(masks, maps)
+    out["aupro"] = aupro(masks, maps)
+    out["pixel_f1_max"] = None if pixel_f1 is None else pixel_f1.f1
+    return out
