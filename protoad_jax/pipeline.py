@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import json
 import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from protoad_jax import backbone, data, features, finch, kmeans, scoring
+from protoad_jax.fileio import atomic_write
 from protoad_jax.config import EMBED_CHANNELS, EMBED_LAYERS, Config
 from protoad_jax.progress import Progress
 
@@ -80,20 +80,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_model(path: str | os.PathLike) -> Model:
