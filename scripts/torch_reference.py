@@ -68,7 +68,7 @@ def reference_head(embedding_nchw, prototypes: np.ndarray, out_size: int = 224, 
       ``patch_scores [B]`` when ``return_patch_score``.
     """
     emb = F.normalize(torch.as_tensor(embedding_nchw, dtype=torch.float32), dim=1)
-    kernels = torch.as_tensor(np.asarray(prototypes, np.float32))[:, :, None, None]
+    kernels = torch.from_numpy(np.array(prototypes, np.float32))[:, :, None, None]  # a copy
     sim = F.conv2d(emb, kernels)  # [B, K, h, w]
     patch_maps = (1 - torch.max(sim, dim=1)[0]).numpy()  # [B, h, w]
     maps = []

@@ -210,6 +210,19 @@ def test_gaussian_blur_matches_scipy(shape, sigma, dtype):
     assert got.shape == shape and err < MAP_TOL, f"blur vs scipy {err} >= {MAP_TOL}"
 
 
+def test_float64_under_x64_matches_to_rounding():
+    """With jax_enable_x64 the float64 path reproduces cv2 and scipy float64 to ~1e-15."""
+    m = _rng(4).normal(size=(28, 40))
+    with jax.enable_x64(True):
+        up = scoring.upsample_bilinear(m, (112, 150))
+        blur = scoring.gaussian_blur(np.asarray(up), 4.0)
+        assert up.dtype == jnp.float64 and blur.dtype == jnp.float64
+    e_up = _err(up, cv2.resize(m, (150, 112), interpolation=cv2.INTER_LINEAR))
+    e_blur = _err(blur, scipy.ndimage.gaussian_filter(np.asarray(up), 4.0, mode="reflect"))
+    print(f"x64: bilinear vs cv2 {e_up:.1e}, blur vs scipy {e_blur:.1e} (tol 1e-12)")
+    assert e_up < 1e-12 and e_blur < 1e-12
+
+
 def test_gaussian_kernel_and_sigma_zero():
     assert scoring.gaussian_kernel(4.0, 4.0).size == 33
     m = _rng(2).normal(size=(6, 9)).astype(np.float32)
