@@ -16,7 +16,7 @@ import numpy as np
 from protoad_jax.config import EMBED_LAYERS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     """Source index of each output index under torch ``F.interpolate(mode="nearest", size=n_out)``.
 

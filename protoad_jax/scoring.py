@@ -141,7 +141,7 @@ def patch_scores(embedding: jax.typing.ArrayLike, prototypes: jax.typing.ArrayLi
     return 1.0 - best
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     """``[n_out, n_in]`` float64 linear-interpolation matrix with OpenCV ``INTER_LINEAR`` semantics.
 
@@ -202,7 +202,7 @@ def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
     return phi / phi.sum()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gaussian_matrix(n: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
     """``[n, n]`` float64 matrix of scipy ``gaussian_filter1d(mode='reflect')`` on a length-n axis.
 

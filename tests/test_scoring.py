@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
-import torch_reference  # noqa: E402
+import torch_reference
 
-from protoad_jax import features, scoring  # noqa: E402
+from protoad_jax import features, scoring
 
 MAP_TOL = 1e-6     # upsample / blur vs cv2 / scipy
 PATCH_TOL = 2e-6   # patch map vs float64 NumPy and float32 torch
@@ -260,7 +260,7 @@ def _small_case(seed, n=None):
 
 def test_jit_equals_eager():
     emb, protos = _small_case(20)
-    kw = dict(out_size=(32, 40), sigma=2.0, chunk_size=4)
+    kw = {"out_size": (32, 40), "sigma": 2.0, "chunk_size": 4}
     eager = scoring.score_image(emb, protos, **kw)
     jitted = jax.jit(functools.partial(scoring.score_image, **kw))(emb, protos)
     errs = [_err(a, b) for a, b in zip(eager, jitted)]
