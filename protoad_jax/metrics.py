@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+AUPRO_FPR_LIMIT = 0.3  # MVTec AD's official integration limit
+
 
 class F1Max(NamedTuple):
     """Best F1 over all thresholds, and the highest threshold that attains it (``score >= t``)."""
@@ -60,41 +62,47 @@ def _pair(labels: Any, scores: Any, names: tuple[str, str], ndim: int, fn: str):
         layout = "[n]" if ndim == 1 else "[n, h, w]"
         raise ValueError(f"{fn}: {names[0]} and {names[1]} must have the same shape {layout}; "
                          f"got {names[0]} {y.shape} and {names[1]} {s.shape}")
+    if y.size == 0:
+        raise ValueError(f"{fn}: {names[0]} and {names[1]} are empty (shape {y.shape})")
     return y, s
 
 
 # --- the shared exact curve --------------------------------------------------------------------
 
-def _curve(y: np.ndarray, s: np.ndarray):
-    """Counts at every distinct threshold, highest first (sklearn's ``_binary_clf_curve``).
+class _Sorted(NamedTuple):
+    """One descending sort of all scores, shared by every pixel metric.
 
-    Args:
-      y: [m] bool, positives.
-      s: [m] scores.
-    Returns:
-      fps, tps: [t] int64, negatives and positives with score >= thresholds[i].
-      thresholds: [t] the distinct scores, descending.
+    order: [m] indices, scores descending. last: [t] positions (in sorted order) of the last of
+    each run of tied scores -- all tied pixels switch together, so only these are thresholds.
+    thresholds: [t] the distinct scores, descending.
     """
-    y = y.ravel()
+
+    order: np.ndarray
+    last: np.ndarray
+    thresholds: np.ndarray
+
+
+def _sort(s: np.ndarray) -> _Sorted:
     s = s.ravel()
     order = np.argsort(s, kind="stable")[::-1]
     s_sorted = s[order]
-    tps = np.cumsum(y[order], dtype=np.int64)
-    del order
-    # Keep the last of each run of tied scores: all tied pixels switch together.
-    last = np.flatnonzero(s_sorted[1:] != s_sorted[:-1])
-    last = np.append(last, s.size - 1)
-    tps = tps[last]
-    fps = (last + 1) - tps
-    return fps, tps, s_sorted[last]
+    last = np.append(np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), s.size - 1)
+    return _Sorted(order, last, s_sorted[last])
 
 
-def _auroc(y: np.ndarray, s: np.ndarray) -> float | None:
+def _counts(y: np.ndarray, srt: _Sorted):
+    """fps, tps: [t] int64, negatives and positives scoring >= each threshold (sklearn's
+    ``_binary_clf_curve``)."""
+    tps = np.cumsum(y.ravel()[srt.order], dtype=np.int64)[srt.last]
+    return (srt.last + 1) - tps, tps
+
+
+def _auroc(y: np.ndarray, srt: _Sorted) -> float | None:
     num_pos = int(np.count_nonzero(y))
     num_neg = y.size - num_pos
     if num_pos == 0 or num_neg == 0:
         return None
-    fps, tps, _ = _curve(y, s)
+    fps, tps = _counts(y, srt)
     # Trapezoid rule on the ROC staircase in integers, one rounding at the end: each step adds
     # dfp * (tp_prev + tp) / 2 in units of 1 / (P * N); ties give the diagonal (the 1/2 credit).
     dfp = np.diff(fps, prepend=0)
@@ -103,15 +111,15 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float | None:
     return twice_area / (2 * num_pos * num_neg)
 
 
-def _f1_max(y: np.ndarray, s: np.ndarray) -> F1Max | None:
+def _f1_max(y: np.ndarray, srt: _Sorted) -> F1Max | None:
     num_pos = int(np.count_nonzero(y))
     if num_pos == 0:
         return None
-    fps, tps, thresholds = _curve(y, s)
+    fps, tps = _counts(y, srt)
     # F1 = 2 P R / (P + R) = 2 tp / (tp + fp + num_pos): never 0/0 while num_pos > 0.
     f1 = 2.0 * tps / (tps + fps + num_pos)
     best = int(np.argmax(f1))  # first maximum = highest threshold
-    return F1Max(float(f1[best]), thresholds[best].item())
+    return F1Max(float(f1[best]), srt.thresholds[best].item())
 
 
 # --- public metrics ----------------------------------------------------------------------------
@@ -128,7 +136,7 @@ def image_auroc(labels: Any, scores: Any) -> float | None:
       ValueError: shapes differ, labels are not binary, or scores contain NaN.
     """
     y, s = _pair(labels, scores, ("labels", "scores"), 1, "image_auroc")
-    return _auroc(y, s)
+    return _auroc(y, _sort(s))
 
 
 def pixel_auroc(masks: Any, maps: Any) -> float | None:
@@ -143,7 +151,7 @@ def pixel_auroc(masks: Any, maps: Any) -> float | None:
       ValueError: shapes differ or are not [n, h, w], masks not binary, or maps contain NaN.
     """
     y, s = _pair(masks, maps, ("masks", "maps"), 3, "pixel_auroc")
-    return _auroc(y, s)
+    return _auroc(y, _sort(s))
 
 
 def f1_max(labels: Any, scores: Any) -> F1Max | None:
@@ -162,7 +170,7 @@ def f1_max(labels: Any, scores: Any) -> F1Max | None:
       ValueError: shapes differ, labels are not binary, or scores contain NaN.
     """
     y, s = _pair(labels, scores, ("labels", "scores"), 1, "f1_max")
-    return _f1_max(y, s)
+    return _f1_max(y, _sort(s))
 
 
 def pixel_f1_max(masks: Any, maps: Any) -> F1Max | None:
@@ -177,10 +185,10 @@ def pixel_f1_max(masks: Any, maps: Any) -> F1Max | None:
       ValueError: shapes differ or are not [n, h, w], masks not binary, or maps contain NaN.
     """
     y, s = _pair(masks, maps, ("masks", "maps"), 3, "pixel_f1_max")
-    return _f1_max(y, s)
+    return _f1_max(y, _sort(s))
 
 
-def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float | None:
+def aupro(masks: Any, maps: Any, fpr_limit: float = AUPRO_FPR_LIMIT) -> float | None:
     """Normalised area under the per-region-overlap curve up to ``fpr_limit`` (MVTec official).
 
     Ground-truth regions are the 8-connected components of each image's mask. At each distinct
@@ -200,11 +208,15 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float | None:
       ValueError: shapes differ or are not [n, h, w], masks not binary, maps contain NaN, or
         fpr_limit is outside (0, 1].
     """
-    from scipy import ndimage  # lazy: keeps `import protoad_jax.metrics` cheap
-
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"aupro: fpr_limit must be in (0, 1], got {fpr_limit}")
     y, s = _pair(masks, maps, ("masks", "maps"), 3, "aupro")
+    return _aupro(y, _sort(s), fpr_limit)
+
+
+def _aupro(y: np.ndarray, srt: _Sorted, fpr_limit: float) -> float | None:
+    from scipy import ndimage  # lazy: keeps `import protoad_jax.metrics` cheap
+
     # 8-connectivity within each image, none across images: a 3x3x3 structure whose only
     # non-zero slice is the middle one labels all images at once with globally unique ids.
     structure = np.zeros((3, 3, 3), dtype=bool)
@@ -220,24 +232,17 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float | None:
     sizes = np.bincount(regions, minlength=num_regions + 1).astype(np.float64)
     pro_step = 1.0 / (sizes * num_regions)
     pro_step[0] = 0.0
-
-    s = s.ravel()
-    order = np.argsort(s, kind="stable")[::-1]
-    s_sorted = s[order]
-    regions_sorted = regions[order]
-    del order, regions
-    fp = np.cumsum(regions_sorted == 0, dtype=np.int64)
+    regions_sorted = regions[srt.order]
+    del regions
+    fp = np.cumsum(regions_sorted == 0, dtype=np.int64)[srt.last]
     pro = pro_step[regions_sorted]
     del regions_sorted
-    np.cumsum(pro, out=pro)
-    last = np.flatnonzero(s_sorted[1:] != s_sorted[:-1])  # drop all but the last of tied scores
-    last = np.append(last, s.size - 1)
-    del s_sorted
-    fpr = np.minimum(fp[last] / num_normal, 1.0)
-    pro = np.minimum(pro[last], 1.0)
+    pro = np.cumsum(pro, out=pro)[srt.last]
+    fpr = np.minimum(fp / num_normal, 1.0)
+    pro = np.minimum(pro, 1.0)
     fpr = np.concatenate([[0.0], fpr, [1.0]])
     pro = np.concatenate([[0.0], pro, [1.0]])
-    return _trapezoid_to(fpr, pro, fpr_limit) / fpr_limit
+    return float(_trapezoid_to(fpr, pro, fpr_limit) / fpr_limit)
 
 
 def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -286,8 +291,10 @@ def evaluate_all(image_labels: Any, image_scores: Any, masks: Any | None,
     if n_masks != n:
         raise ValueError(f"evaluate_all: {n} image labels but masks hold {n_masks} images "
                          f"(masks shape {np.shape(masks)})")
-    pixel_f1 = pixel_f1_max(masks, maps)
-    out["pixel_auroc"] = pixel_auroc(masks, maps)
-    out["aupro"] = aupro(masks, maps)
+    y, s = _pair(masks, maps, ("masks", "maps"), 3, "evaluate_all")
+    srt = _sort(s)  # one sort of all pixels serves the three pixel metrics
+    pixel_f1 = _f1_max(y, srt)
+    out["pixel_auroc"] = _auroc(y, srt)
+    out["aupro"] = _aupro(y, srt, AUPRO_FPR_LIMIT)
     out["pixel_f1_max"] = None if pixel_f1 is None else pixel_f1.f1
     return out

@@ -96,6 +96,12 @@ def test_image_metrics_match_sklearn(seed):
     assert all(f1_at(labels, scores, t) < got_f1.f1 for t in higher)
 
 
+def test_f1_max_tie_takes_highest_threshold():
+    # F1 at thresholds 4, 3, 2, 1: 2/3, 1/2, 2/5, 2/3 -- the maximum is tied; 4 is returned.
+    got = metrics.f1_max([1, 0, 0, 1], [4.0, 3.0, 2.0, 1.0])
+    assert got == (pytest.approx(2 / 3, abs=TOL), 4.0), got
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_pixel_metrics_match_sklearn(seed):
     masks, maps = synthetic(seed, n=8, h=20, w=16, levels=25)
@@ -199,6 +205,7 @@ def test_evaluate_all():
     scores = maps.reshape(len(maps), -1).max(1)
     res = metrics.evaluate_all(labels, scores, masks, maps)
     assert set(res) == {"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"}
+    assert all(type(v) is float for v in res.values()), res
     assert res["image_auroc"] == metrics.image_auroc(labels, scores)
     assert res["pixel_auroc"] == metrics.pixel_auroc(masks, maps)
     assert res["aupro"] == metrics.aupro(masks, maps)
@@ -257,9 +264,15 @@ def test_nan_and_non_binary_rejected():
         metrics.image_auroc(y * 255, rng.random(8))
     with pytest.raises(ValueError, match="fpr_limit"):
         metrics.aupro(masks, rng.random((2, 4, 4)), fpr_limit=0.0)
+    with pytest.raises(ValueError, match="empty"):
+        metrics.pixel_auroc(np.zeros((0, 4, 4), bool), np.zeros((0, 4, 4)))
 
 
 def test_import_is_cheap():
-    code = "import sys, protoad_jax.metrics; print('scipy' in sys.modules, 'sklearn' in sys.modules)"
+    # Loads the module file alone (not the package __init__, which pulls in JAX and friends).
+    code = ("import importlib.util, sys; "
+            f"spec = importlib.util.spec_from_file_location('m', {metrics.__file__!r}); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+            "print('scipy' in sys.modules, 'sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"], out.stdout
