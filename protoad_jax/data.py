@@ -67,21 +67,23 @@ def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
 
 
 def crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
-    """``(left, top, right, bottom)`` of torchvision ``CenterCrop(crop)`` on a ``width x height`` image.
+    """``(left, top, right, bottom)`` of torchvision ``CenterCrop(crop)`` on a ``width x height``
+    image.
 
     torchvision uses ``int(round((size - crop) / 2.0))``: Python's round-half-to-even, so an offset
     of 36.5 gives 36 and 37.5 gives 38.
     """
     if crop > width or crop > height:
         raise ValueError(f"center crop {crop} is larger than the resized image {width}x{height}")
-    top = int(round((height - crop) / 2.0))
-    left = int(round((width - crop) / 2.0))
+    top = round((height - crop) / 2.0)  # Python 3 round() returns an int
+    left = round((width - crop) / 2.0)
     return left, top, left + crop, top + crop
 
 
 def _check_sizes(resize: int, crop: int) -> None:
     if not (isinstance(resize, int) and isinstance(crop, int) and 0 < crop <= resize):
-        raise ValueError(f"expected integers 0 < crop <= resize, got resize={resize!r}, crop={crop!r}")
+        raise ValueError(
+            f"expected integers 0 < crop <= resize, got resize={resize!r}, crop={crop!r}")
 
 
 def _open(path: str | os.PathLike) -> Image.Image:
@@ -228,7 +230,7 @@ def _require_dir(folder: Path, what: str) -> None:
 
 def _read_layout(cat_dir: Path, train_dirs: Sequence[Path], normal_types: Sequence[str],
                  mask_candidates: Callable[[Path, str, str], list[Path]]) -> Category:
-    """Shared reader: ``train_dirs`` of normal images, ``test/<type>/``, optional ``ground_truth/``."""
+    """Shared reader: ``train_dirs`` of normal images, ``test/<type>/``, ``ground_truth/``."""
     train = [p for d in train_dirs if d.is_dir() for p in _files(d, IMAGE_EXTENSIONS)]
     if not train:
         where = " or ".join(str(d) for d in train_dirs)
@@ -340,7 +342,9 @@ def list_categories(dataset: str, root: str | os.PathLike) -> list[str]:
 
 
 def read_dataset(dataset: str, root: str | os.PathLike, category: str | None = None) -> Category:
-    """Dispatches to ``read_mvtec`` / ``read_btad`` / ``read_folder``."""
+    """Dispatches to ``read_mvtec`` / ``read_btad`` / ``read_folder`` (ignores ``category``)."""
+    if dataset in ("mvtec", "btad") and not category:
+        raise ValueError(f"dataset {dataset!r} needs a category; see list_categories()")
     if dataset == "mvtec":
         return read_mvtec(root, category)
     if dataset == "btad":
@@ -365,8 +369,8 @@ def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], num_threads: in
         return
     it = iter(items)
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        pending: collections.deque = collections.deque(
-            pool.submit(fn, x) for x in [x for _, x in zip(range(max(1, prefetch)), it)])
+        first = [x for _, x in zip(range(max(1, prefetch)), it, strict=False)]
+        pending = collections.deque(pool.submit(fn, x) for x in first)
         try:
             while pending:
                 fut = pending.popleft()
@@ -450,6 +454,7 @@ def load_images(paths: Sequence[str | os.PathLike], resize: int = 256, crop: int
     Raises:
       BadImageError: (while iterating, ``skip_bad=False``) a file is missing or undecodable.
     """
+    _check_sizes(resize, crop)
     return Stream(lambda skipped: (x for _, x in _decoded(
         paths, resize, crop, num_threads, prefetch, skip_bad, skipped)))
 
@@ -487,6 +492,7 @@ def batched(paths: Sequence[str | os.PathLike], batch_size: int, resize: int = 2
     Raises:
       BadImageError: (while iterating, ``skip_bad=False``) a file is missing or undecodable.
     """
+    _check_sizes(resize, crop)
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if prefetch is None:

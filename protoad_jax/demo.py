@@ -1,6 +1,6 @@
 """A small procedural anomaly-detection dataset in MVTec AD layout, for demos and tests.
 
-Two categories: ``demo_texture`` (a denim-like 2/2 twill weave) and ``demo_object`` (a machined
+Two categories: ``demo_texture`` (a denim-like 3/1 twill weave) and ``demo_object`` (a machined
 hex nut on a table), each with per-image random variation, and realistic defects: scratches
 (thin random polylines), holes (dark frayed ellipses with a rim), stains (soft coloured blobs,
 alpha-blended) and, for the object, missing pieces (a chunk of the nut replaced by background).
@@ -70,7 +70,7 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A denim-like 2/2 twill: indigo warp (vertical) over white weft (horizontal). ``[s, s, 3]``."""
+    """A denim-like 3/1 twill: indigo warp (vertical) over pale weft. ``[s, s, 3]``."""
     s = size / 256
     period = rng.uniform(7.0, 7.8) * s
     y, x = _grid(size)
@@ -167,7 +167,8 @@ def _to_u8(img: np.ndarray) -> np.ndarray:
 
 def _pick_point(rng: np.random.Generator, size: int, margin: float, sdf: np.ndarray | None,
                 depth: float = 0.0) -> np.ndarray:
-    """A (y, x) point ``margin`` inside the image and, given an object's ``sdf``, ``depth`` inside it."""
+    """A (y, x) point ``margin`` inside the image and (given an object's ``sdf``) ``depth`` inside
+    the object."""
     for _ in range(1000):
         p = rng.uniform(margin, size - margin, 2)
         if sdf is None or sdf[int(p[0]), int(p[1])] < -depth:
@@ -257,7 +258,8 @@ def _missing(rng, nut: _Nut, size):
 # ----------------------------------------------------------------------------- samples and files
 
 
-def demo_sample(category: str, split: str, index: int, seed: int = 0, size: int = 256) -> DemoSample:
+def demo_sample(category: str, split: str, index: int, seed: int = 0,
+                size: int = 256) -> DemoSample:
     """Renders one image deterministically.
 
     Args:

@@ -20,7 +20,7 @@ TOL = 1e-6
 
 
 def torchvision_image(path: Path, resize: int = 256, crop: int = 224) -> np.ndarray:
-    """The reference: PIL open + convert("RGB"), Resize(LANCZOS), CenterCrop, ToTensor, Normalize."""
+    """The reference: convert("RGB"), Resize(LANCZOS), CenterCrop, ToTensor, Normalize."""
     tf = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.LANCZOS), T.CenterCrop(crop),
                     T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     with torch.no_grad():
@@ -28,7 +28,8 @@ def torchvision_image(path: Path, resize: int = 256, crop: int = 224) -> np.ndar
 
 
 def torchvision_mask(path: Path, resize: int = 256, crop: int = 224) -> np.ndarray:
-    tf = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.NEAREST), T.CenterCrop(crop)])
+    tf = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.NEAREST),
+                    T.CenterCrop(crop)])
     return np.asarray(tf(Image.open(path))) > 0
 
 
@@ -52,7 +53,8 @@ def _image_cases(tmp: Path) -> dict[str, Path]:
     alpha = rng.integers(0, 256, img.shape[:2], dtype=np.uint8)
     cases = {f"sklearn_{Path(f).name}": Path(f) for f in load_sample_images().filenames}
     cases.update({
-        "portrait_640x427": save(np.ascontiguousarray(img.transpose(1, 0, 2)), tmp / "portrait.png"),
+        "portrait_640x427": save(np.ascontiguousarray(img.transpose(1, 0, 2)),
+                                 tmp / "portrait.png"),
         "grayscale": save(gray, tmp / "gray.png"),
         "rgba": save(np.dstack([img, alpha]), tmp / "rgba.png"),
         "palette": tmp / "palette.png",
@@ -72,16 +74,18 @@ def test_preprocess_image_matches_torchvision(tmp_path):
         got = data.preprocess_image(path)
         want = torchvision_image(path)
         err = float(np.abs(got - want).max())
-        print(f"preprocess_image vs torchvision [{name}] {Image.open(path).size}: max abs err {err:.3g}")
+        print(f"preprocess_image vs torchvision [{name}] {Image.open(path).size}: "
+              f"max abs err {err:.3g}")
         assert got.shape == (224, 224, 3) and got.dtype == np.float32, (got.shape, got.dtype)
         assert err <= TOL, f"{name}: max abs error {err} > tolerance {TOL}"
     # A PIL image goes through the same path as a file.
     pil = Image.open(tmp_path / "rgba.png")
-    np.testing.assert_array_equal(data.preprocess_image(pil), data.preprocess_image(tmp_path / "rgba.png"))
+    np.testing.assert_array_equal(data.preprocess_image(pil),
+                                  data.preprocess_image(tmp_path / "rgba.png"))
 
 
 def test_crop_rounding_is_torchvision_half_to_even():
-    # (width, height) after resize -> left offset; the .5 cases distinguish round() from floor/half-up.
+    # (width, height) after resize -> offsets; the .5 cases tell round() from floor and half-up.
     assert data.crop_box(297, 256, 224) == (36, 16, 260, 240)
     assert data.crop_box(299, 256, 224) == (38, 16, 262, 240)
     assert data.resized_size(640, 427, 256) == (383, 256)  # int(256 * 640 / 427) = 383.7 -> 383
@@ -183,7 +187,8 @@ def test_read_mvtec(tmp_path):
     got = [(t.defect_type, t.path.name, t.label, t.mask_path and t.mask_path.name) for t in c.test]
     assert got == [("crack", "000.png", 1, "000_mask.png"), ("crack", "001.png", 1, "001_mask.png"),
                    ("good", "000.png", 0, None),
-                   ("scratch", "000.png", 1, "000_mask.png"), ("scratch", "001.png", 1, "001_mask.png")]
+                   ("scratch", "000.png", 1, "000_mask.png"),
+                   ("scratch", "001.png", 1, "001_mask.png")]
     assert all(t.mask_path.parent.name == t.defect_type for t in c.test if t.label)
     assert data.read_mvtec(root, "bottle") == c  # deterministic
     assert data.list_categories("mvtec", root) == ["bottle"]
@@ -196,7 +201,8 @@ def test_read_mvtec_errors(tmp_path, caplog):
     with pytest.raises(data.DatasetError) as e:
         data.read_mvtec(root, "botle")
     print("unknown category:", e.value)
-    assert "'botle'" in str(e.value) and "['bottle']" in str(e.value) and "metal_nut" in str(e.value)
+    msg = str(e.value)
+    assert "'botle'" in msg and "['bottle']" in msg and "metal_nut" in msg
 
     empty = root / "cable" / "train" / "good"
     empty.mkdir(parents=True)
@@ -210,7 +216,8 @@ def test_read_mvtec_errors(tmp_path, caplog):
     with pytest.raises(data.DatasetError) as e:
         data.read_mvtec(root, "bottle")
     print("missing mask:", e.value)
-    assert str(missing) in str(e.value) and str(root / "bottle" / "test" / "crack" / "001.png") in str(e.value)
+    assert str(missing) in str(e.value)
+    assert str(root / "bottle" / "test" / "crack" / "001.png") in str(e.value)
 
     for p in sorted((root / "bottle" / "ground_truth").rglob("*"), reverse=True):
         p.unlink() if p.is_file() else p.rmdir()
@@ -297,7 +304,7 @@ def test_batched_order_padding_and_skip(tmp_path):
     assert not batches[-1].images[3:].any(), "padding rows must be zero"
     unpadded = list(data.batched(paths, 4, resize=32, crop=28, num_threads=2, pad=False))
     assert unpadded[-1].images.shape == (3, 28, 28, 3)
-    images, names = batches[0]  # unpacks as (images, paths)
+    _, names = batches[0]  # unpacks as (images, paths)
     assert names == paths[:4]
     stream = list(data.load_images(paths, resize=32, crop=28, num_threads=3, prefetch=2))
     np.testing.assert_array_equal(np.stack(stream), want)
@@ -329,11 +336,12 @@ def test_pad_to():
 
 
 def _all_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_demo_is_deterministic_and_masks_are_exact(tmp_path):
-    kw = dict(n_train=2, n_test_good=1, n_test_bad=4, size=96)
+    kw = {"n_train": 2, "n_test_good": 1, "n_test_bad": 4, "size": 96}
     a = _all_files(demo.make_demo_dataset(tmp_path / "a", seed=3, **kw))
     b = _all_files(demo.make_demo_dataset(tmp_path / "b", seed=3, **kw))
     c = _all_files(demo.make_demo_dataset(tmp_path / "c", seed=4, **kw))
