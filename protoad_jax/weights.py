@@ -9,7 +9,9 @@ missing, unexpected and misshapen key.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
+import http.client
 import importlib.metadata
 import json
 import os
@@ -31,7 +33,7 @@ from protoad_jax import backbone, fileio, progress, torch_weights
 
 
 class WeightsFile(NamedTuple):
-    """A published checkpoint: its URL and the first hex digits of its sha256 (torchvision's convention)."""
+    """Published checkpoint: its URL and the first hex digits of its sha256 (as torchvision)."""
 
     url: str
     sha256_prefix: str
@@ -43,10 +45,14 @@ class WeightsFile(NamedTuple):
 
 REGISTRY: dict[str, WeightsFile] = {
     "wide_resnet50_2": WeightsFile(
-        "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth", "95faca4d"),
-    "resnet50": WeightsFile("https://download.pytorch.org/models/resnet50-0676ba61.pth", "0676ba61"),
+        "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth", "95faca4d"
+    ),
+    "resnet50": WeightsFile(
+        "https://download.pytorch.org/models/resnet50-0676ba61.pth", "0676ba61"
+    ),
     "wide_resnet101_2": WeightsFile(
-        "https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth", "32ee1156"),
+        "https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth", "32ee1156"
+    ),
 }
 ENV_VAR = "PROTOAD_WEIGHTS_DIR"
 # Stages a converted file may hold, in order; a conversion keeps a prefix of them (plus the stem).
@@ -56,7 +62,7 @@ _CHUNK = 1 << 20
 
 
 class DownloadError(OSError):
-    """The file could not be fetched (offline, refused, HTTP error); the message says how to get it by hand."""
+    """The file could not be fetched (offline, refused, HTTP error); says how to get it by hand."""
 
 
 class ChecksumError(ValueError):
@@ -66,12 +72,12 @@ class ChecksumError(ValueError):
 class ConvertResult(NamedTuple):
     """What ``convert`` wrote."""
 
-    output: Path          # the .npz
-    metadata: Path        # the .json next to it
+    output: Path  # the .npz
+    metadata: Path  # the .json next to it
     source_sha256: str
     output_sha256: str
     keys: tuple[str, ...]  # flat variable names, e.g. "params/layer1/0/conv1/kernel"
-    num_params: int       # elements in the "params" collection (batch_stats not counted)
+    num_params: int  # elements in the "params" collection (batch_stats not counted)
     num_batch_stats: int
 
 
@@ -91,9 +97,12 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "protoad_jax"
 
 
-def default_weights_path(arch: str = "wide_resnet50_2", cache: str | os.PathLike | None = None,
-                         include_layer4: bool = False) -> Path:
-    """``cache_dir(cache)/<arch>_imagenet1k_v1.npz`` (``..._with_fc.npz`` when layer4 and fc are kept)."""
+def default_weights_path(
+    arch: str = "wide_resnet50_2",
+    cache: str | os.PathLike | None = None,
+    include_layer4: bool = False,
+) -> Path:
+    """``cache_dir(cache)/<arch>_imagenet1k_v1.npz`` (``..._with_fc.npz`` with layer4 and fc)."""
     backbone.get_arch(arch)
     return cache_dir(cache) / f"{arch}_imagenet1k_v1{'_with_fc' if include_layer4 else ''}.npz"
 
@@ -108,31 +117,36 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def _check_hash(digest: str, prefix: str | None, what: str) -> None:
     if prefix and not digest.startswith(prefix.lower()):
-        raise ChecksumError(f"sha256 mismatch for {what}: expected a digest starting with {prefix}, "
-                            f"got {digest}; the file is corrupt or not the published one")
+        raise ChecksumError(
+            f"sha256 mismatch for {what}: expected a digest starting with {prefix}, "
+            f"got {digest}; the file is corrupt or not the published one"
+        )
 
 
-def _manual_hint(url: str) -> str:
-    name = url.rsplit("/", 1)[-1] or "FILE.pth"
-    return (f"Download it by hand from {url} (on a machine with internet access) and pass it with "
-            f"--source=/path/to/{name}, or place it at {cache_dir() / name}.")
+def _manual_hint(url: str, dest: Path) -> str:
+    return (
+        f"Download it by hand from {url} (on a machine with internet access) and pass it with "
+        f"--source=/path/to/{dest.name}, or place it at {dest}."
+    )
 
 
-def download(url: str, dest: str | os.PathLike, sha256_prefix: str | None = None,
-             show_progress: bool = True) -> Path:
-    """Fetches ``url`` to ``dest`` via a temporary file in the same folder, checks its sha256, then renames.
+def download(
+    url: str, dest: str | os.PathLike, sha256_prefix: str | None = None, show_progress: bool = True
+) -> Path:
+    """Fetches ``url`` to ``dest`` via a temporary file next to it, checks its sha256, then renames.
 
     Args:
       url: http(s) URL.
       dest: final path; its folder is created.
-      sha256_prefix: expected leading hex digits of the sha256 (torchvision publishes 8); None skips.
+      sha256_prefix: expected leading hex digits of the sha256 (torchvision publishes 8); None
+        skips the check.
       show_progress: progress bar on stderr (tqdm when installed, else a plain one).
 
     Returns:
       ``dest``.
 
     Raises:
-      DownloadError: no connection / HTTP error; the message gives the URL and the ``--source`` flag.
+      DownloadError: no connection / HTTP error; the message gives the URL and ``--source``.
       ChecksumError: the digest does not match; nothing is left at ``dest``.
     """
     dest = Path(dest)
@@ -148,10 +162,18 @@ def download(url: str, dest: str | os.PathLike, sha256_prefix: str | None = None
                         f.write(chunk)
                         digest.update(chunk)
                         bar.update(len(chunk))
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        except (
+            urllib.error.URLError,
+            http.client.HTTPException,
+            TimeoutError,
+            ConnectionError,
+        ) as e:
             reason = getattr(e, "reason", e)
-            raise DownloadError(f"could not download {url}: {reason}. {_manual_hint(url)}") from None
+            raise DownloadError(
+                f"could not download {url}: {reason}. {_manual_hint(url, dest)}"
+            ) from None
         _check_hash(digest.hexdigest(), sha256_prefix, f"{url} (nothing was kept)")
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -164,14 +186,25 @@ def _progress_bar(desc: str, total: int | None, enabled: bool):
         from tqdm import tqdm  # optional: nicer bar when installed
     except ImportError:
         return progress.Progress(desc, total, unit="B", enabled=enabled)
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                file=sys.stderr, disable=not enabled)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=not enabled,
+    )
 
 
 def _expected_prefix(source: str) -> str | None:
     """The hash a file should have: the registry's for a registered URL or file name, else a
     torch.hub-style ``name-<hex>.pth`` suffix, else None."""
-    name = urllib.parse.urlparse(source).path.rsplit("/", 1)[-1] if _is_url(source) else Path(source).name
+    name = (
+        urllib.parse.urlparse(source).path.rsplit("/", 1)[-1]
+        if _is_url(source)
+        else Path(source).name
+    )
     for spec in REGISTRY.values():
         if source == spec.url or name == spec.filename:
             return spec.sha256_prefix
@@ -183,8 +216,12 @@ def _is_url(source: str) -> bool:
     return urllib.parse.urlparse(str(source)).scheme in ("http", "https")
 
 
-def fetch(source: str | os.PathLike, cache: str | os.PathLike | None = None,
-          sha256_prefix: str | None = None, show_progress: bool = True) -> tuple[Path, str]:
+def fetch(
+    source: str | os.PathLike,
+    cache: str | os.PathLike | None = None,
+    sha256_prefix: str | None = None,
+    show_progress: bool = True,
+) -> tuple[Path, str]:
     """A local ``.pth`` for ``source`` (a path, or a URL downloaded into ``cache_dir(cache)`` once).
 
     The sha256 is checked against ``sha256_prefix``, else the registry (registered URL or file
@@ -216,8 +253,15 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
-def _contract_problems(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]
-                       ) -> list[str]:
+@functools.cache
+def _expected_shapes(arch: str, last_stage: str) -> dict[str, tuple[int, ...]]:
+    """Flat variable name -> shape of the model, via ``jax.eval_shape`` (traced once per config)."""
+    return _flat_shapes(backbone.abstract_variables(arch, last_stage))
+
+
+def _contract_problems(
+    found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]
+) -> list[str]:
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
     misshapen = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
@@ -229,14 +273,16 @@ def _contract_problems(found: dict[str, tuple[int, ...]], expected: dict[str, tu
 
 def _last_stage(stages: tuple[str, ...]) -> str:
     stages = tuple(stages)
-    if not stages or stages != STAGE_ORDER[:len(stages)]:
-        raise ValueError(f"stages must be a prefix of {STAGE_ORDER} (the model computes every stage "
-                         f"up to the deepest), got {stages}")
+    if not stages or stages != STAGE_ORDER[: len(stages)]:
+        raise ValueError(
+            f"stages must be a prefix of {STAGE_ORDER} (the model computes every stage "
+            f"up to the deepest), got {stages}"
+        )
     return stages[-1]
 
 
 def guess_arch(state_dict: dict[str, np.ndarray]) -> str | None:
-    """Which registered architecture a torchvision ``state_dict`` looks like (width and block counts)."""
+    """The registered architecture a torchvision ``state_dict`` looks like (width, block counts)."""
     w = state_dict.get("layer1.0.conv1.weight")
     if w is None or np.ndim(w) != 4:
         return None
@@ -246,14 +292,21 @@ def guess_arch(state_dict: dict[str, np.ndarray]) -> str | None:
         blocks.append(len(idx))
     for name, spec in backbone.ARCHS.items():
         if spec.width_per_group == w.shape[0] and all(
-                b in (0, n) for b, n in zip(blocks, spec.layers)):
+            b in (0, n) for b, n in zip(blocks, spec.layers)
+        ):
             return name
     return None
 
 
-def convert(source: str | os.PathLike, output: str | os.PathLike, arch: str = "wide_resnet50_2",
-            stages: tuple[str, ...] = DEFAULT_STAGES, cache: str | os.PathLike | None = None,
-            sha256_prefix: str | None = None, show_progress: bool = True) -> ConvertResult:
+def convert(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    arch: str = "wide_resnet50_2",
+    stages: tuple[str, ...] = DEFAULT_STAGES,
+    cache: str | os.PathLike | None = None,
+    sha256_prefix: str | None = None,
+    show_progress: bool = True,
+) -> ConvertResult:
     """Converts a torchvision ``.pth`` (path or URL) to ``output`` (``.npz``) and ``output.json``.
 
     Args:
@@ -286,18 +339,24 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, arch: str = "w
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     flat = {k: _as_float32(v, k, path) for k, v in flat.items()}
-    expected = _flat_shapes(backbone.abstract_variables(arch, last))
+    expected = _expected_shapes(arch, last)
     problems = _contract_problems({k: v.shape for k, v in flat.items()}, expected)
     if problems:
         guess = guess_arch(state_dict)
         if guess is None:
-            looks = "it does not look like a torchvision " + " / ".join(backbone.ARCHS) + " state dict"
+            looks = (
+                "it does not look like a torchvision " + " / ".join(backbone.ARCHS) + " state dict"
+            )
         elif guess != arch:
             looks = f"it looks like {guess}; re-run with --arch={guess}"
         else:
-            looks = f"it looks like {arch}, but entries are missing or misshapen: a partial checkpoint?"
-        raise ValueError(f"{path} is not a {arch} checkpoint with stages {stages} ({looks}). "
-                         f"{len(problems)} problem(s):\n" + "\n".join(_head(problems)))
+            looks = (
+                f"it looks like {arch}, but entries are missing or misshapen: a partial checkpoint?"
+            )
+        raise ValueError(
+            f"{path} is not a {arch} checkpoint with stages {stages} ({looks}). "
+            f"{len(problems)} problem(s):\n" + "\n".join(_head(problems))
+        )
     meta = {
         "source": str(source) if _is_url(str(source)) else str(path.resolve()),
         "sha256": digest,
@@ -308,8 +367,15 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, arch: str = "w
     }
     meta_path = output.with_suffix(".json")
     _write_pair(output, flat, meta_path, meta)
-    return ConvertResult(output, meta_path, digest, sha256_file(output), tuple(sorted(flat)),
-                         _count(flat, "params/"), _count(flat, "batch_stats/"))
+    return ConvertResult(
+        output,
+        meta_path,
+        digest,
+        sha256_file(output),
+        tuple(sorted(flat)),
+        _count(flat, "params/"),
+        _count(flat, "batch_stats/"),
+    )
 
 
 def _count(flat: dict[str, np.ndarray], prefix: str) -> int:
@@ -323,7 +389,7 @@ def _head(lines: list[str], n: int = 20) -> list[str]:
 def _as_float32(value: np.ndarray, key: str, path: Path) -> np.ndarray:
     if not (np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16):
         raise ValueError(f"{path}: {key} has dtype {value.dtype}, expected floating point")
-    return np.ascontiguousarray(value.astype(np.float32))
+    return np.ascontiguousarray(value.astype(np.float32, copy=False))
 
 
 def _package_version() -> str:
@@ -361,17 +427,23 @@ def _file_mode() -> int:
 
 
 def save_variables(path: str | os.PathLike, variables: dict) -> Path:
-    """Writes ``{"params": ..., "batch_stats": ...}`` as a flat ``.npz`` (keys joined with ``/``), atomically."""
-    flat = {k: np.asarray(v, np.float32)
-            for k, v in traverse_util.flatten_dict(dict(variables), sep="/").items()}
+    """Writes ``{"params": ..., "batch_stats": ...}`` as a flat ``.npz`` (keys joined by ``/``).
+
+    The write is atomic (temporary file + rename); arrays are stored as float32.
+    """
+    flat = {
+        k: np.asarray(v, np.float32)
+        for k, v in traverse_util.flatten_dict(dict(variables), sep="/").items()
+    }
     path = fileio.atomic_write(path, lambda f: np.savez(f, **flat))
     os.chmod(path, _file_mode())
     return path
 
 
-def load_variables(path: str | os.PathLike, arch: str = "wide_resnet50_2",
-                   last_stage: str = "layer3") -> dict:
-    """Reads a converted ``.npz`` and checks it against ``backbone.abstract_variables(arch, last_stage)``.
+def load_variables(
+    path: str | os.PathLike, arch: str = "wide_resnet50_2", last_stage: str = "layer3"
+) -> dict:
+    """Reads a converted ``.npz``, checked against ``abstract_variables(arch, last_stage)``.
 
     Args:
       path: ``.npz`` written by ``convert``/``save_variables``.
@@ -386,18 +458,22 @@ def load_variables(path: str | os.PathLike, arch: str = "wide_resnet50_2",
       ValueError: one error listing every missing, unexpected and misshapen key.
     """
     path = Path(path)
-    fix = (f"re-run `python scripts/convert_weights.py --arch={arch}"
-           f"{' --include_layer4' if last_stage in ('layer4', 'fc') else ''} --output={path}`")
+    fix = (
+        f"re-run `python scripts/convert_weights.py --arch={arch}"
+        f"{' --include_layer4' if last_stage in ('layer4', 'fc') else ''} --output={path}`"
+    )
     if not path.is_file():
         raise FileNotFoundError(f"no weights file {path}; {fix}")
-    expected = _flat_shapes(backbone.abstract_variables(arch, last_stage))
+    expected = _expected_shapes(arch, last_stage)
     try:
         with np.load(path, allow_pickle=False) as npz:
             flat = {k: npz[k] for k in npz.files}
     except (ValueError, OSError, EOFError) as e:
         raise ValueError(f"{path} is not a readable .npz ({e}); {fix}") from None
     problems = _contract_problems({k: v.shape for k, v in flat.items()}, expected)
-    bad_dtype = [k for k, v in flat.items() if k in expected and not np.issubdtype(v.dtype, np.floating)]
+    bad_dtype = [
+        k for k, v in flat.items() if k in expected and not np.issubdtype(v.dtype, np.floating)
+    ]
     problems += [f"  wrong dtype: {k}: {flat[k].dtype}, expected float32" for k in bad_dtype]
     if problems:
         meta = path.with_suffix(".json")
@@ -405,29 +481,40 @@ def load_variables(path: str | os.PathLike, arch: str = "wide_resnet50_2",
         if meta.is_file():
             try:
                 m = json.loads(meta.read_text())
-                made = f" ({meta.name} says it was converted for arch {m.get('arch')}, stages {m.get('stages')})"
+                made = (
+                    f" ({meta.name} says it was converted for arch {m.get('arch')}, "
+                    f"stages {m.get('stages')})"
+                )
             except (OSError, ValueError):
                 pass
-        raise ValueError(f"{path} does not match {arch} up to {last_stage}{made}; "
-                         f"{len(problems)} problem(s):\n" + "\n".join(problems) + f"\nFix: {fix}")
+        raise ValueError(
+            f"{path} does not match {arch} up to {last_stage}{made}; "
+            f"{len(problems)} problem(s):\n" + "\n".join(problems) + f"\nFix: {fix}"
+        )
     return traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in flat.items()}, sep="/")
 
 
-def ensure_weights(arch: str = "wide_resnet50_2", cache: str | os.PathLike | None = None,
-                   show_progress: bool = True) -> Path:
-    """The default ``.npz`` for ``arch`` (layer1..3), converted from the registered download if missing.
+def ensure_weights(
+    arch: str = "wide_resnet50_2",
+    cache: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """The default ``.npz`` for ``arch`` (layer1..3), converted from the registered download if
+    missing.
 
     Raises:
       DownloadError: offline; the message says where to get the ``.pth`` by hand.
     """
     out = default_weights_path(arch, cache)
     if arch not in REGISTRY:
-        raise ValueError(f"no registered ImageNet weights for {arch!r}; registered: {sorted(REGISTRY)}")
+        raise ValueError(
+            f"no registered ImageNet weights for {arch!r}; registered: {sorted(REGISTRY)}"
+        )
     if not out.is_file():
         convert(REGISTRY[arch].url, out, arch, DEFAULT_STAGES, cache, show_progress=show_progress)
     return out
 
 
 def count_params(variables: dict) -> int:
-    """Elements in the ``params`` collection of ``variables`` (concrete or ``jax.ShapeDtypeStruct``)."""
+    """Elements in the ``params`` collection (arrays or ``jax.ShapeDtypeStruct`` leaves)."""
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables["params"]))
