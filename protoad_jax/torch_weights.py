@@ -120,6 +120,7 @@ def _check_rebuild_args(storage, offset, size, stride, metadata) -> None:
         and isinstance(stride, tuple)
         and len(size) == len(stride)
         and all(isinstance(v, int) for v in size + stride)
+        and all(n >= 0 for n in size)
     ):
         raise CheckpointError(
             f"malformed tensor: offset={offset!r} size={size!r} stride={stride!r}"
@@ -175,9 +176,8 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, file, path: str, storages: dict[str, _StorageRef]):
         super().__init__(file, encoding="utf-8")
         self._path = path
-        self.storages = (
-            storages  # root key -> whole-storage ref (shared between pickles of one file)
-        )
+        # root key -> whole-storage ref, shared by the successive pickles of one legacy file
+        self.storages = storages
 
     def find_class(self, module: str, name: str):
         try:
@@ -186,8 +186,7 @@ class _Unpickler(pickle.Unpickler):
             raise UnsafeCheckpointError(
                 f"{self._path}: refusing to unpickle global {module}.{name}; a tensor state dict "
                 "only needs collections.OrderedDict, torch._utils._rebuild_tensor_v2/"
-                "_rebuild_parameter "
-                "and torch.*Storage types. Nothing in the file was executed."
+                "_rebuild_parameter and torch.*Storage types. Nothing in the file was executed."
             ) from None
 
     def persistent_load(self, pid):
@@ -241,8 +240,7 @@ def _materialise(t: _TensorRef, root: np.ndarray, path: str) -> np.ndarray:
     if last >= flat.size:
         raise CheckpointError(
             f"{path}: tensor of shape {t.shape}, strides {t.strides}, offset {t.offset} reads "
-            f"element "
-            f"{last} of storage {s.key}, which has {flat.size} elements"
+            f"element {last} of storage {s.key}, which has {flat.size} elements"
         )
     contiguous = all(
         n == 1 or st == int(np.prod(t.shape[i + 1 :]))
