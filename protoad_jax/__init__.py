@@ -1,0 +1,18 @@
+"""protoad_jax: training-free image anomaly detection and localisation (ProtoAD) in pure JAX."""
+
+from protoad_jax.config import Config
+from protoad_jax.data import preprocess_image, preprocess_mask
+from protoad_jax.pipeline import Model, ScoredImages, fit, load_model, make_scorer, score_images
+
+__all__ = [
+    "Config",
+    "Model",
+    "ScoredImages",
+    "fit",
+    "load_model",
+    "make_scorer",
+    "preprocess_image",
+    "preprocess_mask",
+    "score_images",
+]
+__version__ = "0.1.0"

@@ -174,28 +174,24 @@ def check_images(images: Any, image_size: int) -> None:
 
 
 def iter_batches(images: Sequence[Any], batch_size: int, config: Config, *, skip_bad: bool = False,
-                 ) -> Iterator[tuple[np.ndarray, int]]:
-    """Yields ``(batch [batch_size, s, s, 3] float32, n_valid)``; the last batch is zero-padded
-    to ``batch_size`` so a jitted consumer sees one shape and never recompiles.
+                 ) -> Iterator[tuple[np.ndarray, list]]:
+    """Yields ``(batch [batch_size, s, s, 3] float32, items)`` where ``items`` are the inputs in the
+    batch's valid rows; the last batch is zero-padded to ``batch_size`` so a jitted consumer sees
+    one shape and never recompiles.
 
-    ``images`` holds image paths (decoded on a thread pool with prefetch) or preprocessed arrays.
+    ``images`` holds image paths (decoded on a thread pool with prefetch; with ``skip_bad``,
+    undecodable files are skipped and left out of ``items``) or preprocessed arrays.
     """
     if len(images) and isinstance(images[0], (str, os.PathLike)):
-        for batch, paths in data.batched(images, batch_size, resize=config.resize,
-                                         crop=config.image_size, skip_bad=skip_bad):
-            yield _pad(batch, batch_size), len(paths)
+        for batch in data.batched(images, batch_size, resize=config.resize, crop=config.image_size,
+                                  skip_bad=skip_bad):
+            yield batch.images, batch.paths
         return
     for start in range(0, len(images), batch_size):
-        chunk = np.stack([np.asarray(a) for a in images[start:start + batch_size]])
+        items = images[start:start + batch_size]
+        chunk = np.stack([np.asarray(a) for a in items])
         check_images(chunk, config.image_size)
-        yield _pad(chunk, batch_size), len(chunk)
-
-
-def _pad(batch: np.ndarray, batch_size: int) -> np.ndarray:
-    if len(batch) == batch_size:
-        return batch
-    pad = np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)
-    return np.concatenate([batch, pad])
+        yield data.pad_to(chunk, batch_size), list(items)
 
 
 # ----------------------------------------------------------------------------- fit
@@ -224,7 +220,8 @@ def extract_patches(images: Sequence[Any], variables: dict, config: Config, *, b
     fn = _embed_fn(config.arch, config.dtype, np.dtype(store).name)
     pos = written = 0
     with Progress("features", len(images), "img", progress) as bar:
-        for batch, n_valid in iter_batches(images, batch_size, config):
+        for batch, items in iter_batches(images, batch_size, config):
+            n_valid = len(items)
             emb = np.asarray(fn(variables, jnp.asarray(batch)))[:n_valid].reshape(-1, channels)
             if keep is not None:
                 lo, hi = np.searchsorted(keep, [pos, pos + len(emb)])
@@ -331,27 +328,33 @@ def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int 
 
 @dataclasses.dataclass
 class ScoredImages:
-    """Per-image results of ``score_images``: maps ``[n, s, s]``, scores ``[n]``, patch maps ``[n, h, w]``."""
+    """Per-image results of ``score_images``: maps ``[n, s, s]``, scores ``[n]``, patch maps
+    ``[n, h, w]``, and the ``n`` inputs scored (bad files skipped with ``skip_bad`` are absent)."""
 
     maps: np.ndarray
     scores: np.ndarray
     patch_maps: np.ndarray
+    inputs: list
 
 
 def score_images(model: Model, images: Sequence[Any], variables: dict | None = None, *,
                  batch_size: int = 8, progress: bool = True, chunk_size: int | None = None,
-                 ) -> ScoredImages:
+                 skip_bad: bool = False) -> ScoredImages:
     """Scores paths or preprocessed arrays in fixed-size batches (one compile for any count)."""
     if variables is None:
         variables = load_backbone(model.weights, model.config.arch)
     fn = _score_fn(*_score_config(model.config, chunk_size))
     prototypes = jnp.asarray(model.prototypes)
-    maps, scores, patch_maps = [], [], []
+    maps, scores, patch_maps, inputs = [], [], [], []
     with Progress("scoring", len(images), "img", progress) as bar:
-        for batch, n_valid in iter_batches(list(images), batch_size, model.config):
+        for batch, items in iter_batches(list(images), batch_size, model.config, skip_bad=skip_bad):
+            n = len(items)
             res = jax.device_get(fn(variables, prototypes, jnp.asarray(batch)))
-            maps.append(res.anomaly_map[:n_valid])
-            scores.append(res.score[:n_valid])
-            patch_maps.append(res.patch_map[:n_valid])
-            bar.update(n_valid)
-    return ScoredImages(np.concatenate(maps), np.concatenate(scores), np.concatenate(patch_maps))
+            maps.append(res.anomaly_map[:n])
+            scores.append(res.score[:n])
+            patch_maps.append(res.patch_map[:n])
+            inputs += items
+            bar.update(n)
+    if not inputs:
+        raise ValueError("score_images() got no images (or every image was skipped as unreadable)")
+    return ScoredImages(np.concatenate(maps), np.concatenate(scores), np.concatenate(patch_maps), inputs)

@@ -1,0 +1,209 @@
+"""The main job: per category fit, score, measure, and write tables, maps, overlays and a report.
+
+Every output file is written atomically; a category's ``result.json`` is written last, so an
+interrupted run resumes by skipping the categories that have one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from protoad_jax import backbone, data, metrics, pipeline, report, weights
+from protoad_jax.config import Config
+from protoad_jax.fileio import atomic_write
+
+log = logging.getLogger(__name__)
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+RANDOM_BACKBONE = "random-init backbone"
+DEFAULT_K = Config().num_prototypes
+CSV_COLUMNS = ("category",) + METRICS + ("num_prototypes", "num_train", "num_test",
+                                         "seconds_features", "seconds_clustering", "seconds_scoring",
+                                         "seconds_metrics")
+
+
+class Backbone(NamedTuple):
+    """Backbone variables, the ``.npz`` they came from (None if random), a description, warnings."""
+
+    variables: dict
+    path: str | None
+    description: str
+    warnings: list[str]
+
+
+def resolve_backbone(weights_path: str | None, arch: str = "wide_resnet50_2", *, demo: bool = False,
+                     allow_random: bool = False) -> Backbone:
+    """Loads the given weights, else the converted ImageNet file (converting/downloading it when
+    missing); without them, a random-init backbone only for the demo or with ``allow_random``.
+
+    Raises:
+      FileNotFoundError / RuntimeError: no weights and random weights not allowed; the message
+        says how to get them.
+    """
+    if weights_path is not None:
+        return Backbone(pipeline.load_backbone(weights_path, arch), str(weights_path),
+                        f"{arch} from {weights_path}", [])
+    try:
+        path = weights.ensure_weights(arch)
+        return Backbone(pipeline.load_backbone(path, arch), str(path),
+                        f"{arch} IMAGENET1K_V1 (torchvision), converted to {path}", [])
+    except Exception as e:  # offline, or the download/convert failed: say why, then decide
+        if not (demo or allow_random):
+            raise RuntimeError(f"no backbone weights: {e}\nConvert them with scripts/convert_weights.py "
+                               "and pass --weights=PATH.npz, or pass --allow_random_weights to run "
+                               "with a random-init backbone (results are then not meaningful).") from e
+        reason = str(e).splitlines()[0]
+    warning = (f"WARNING: {RANDOM_BACKBONE}: the ImageNet weights are not available ({reason}). "
+               "Features come from a randomly initialised WideResNet, so the numbers are NOT those "
+               "of ProtoAD. Convert the weights with scripts/convert_weights.py and rerun.")
+    logging.getLogger(__name__).warning(warning)
+    net = backbone.ResNet(arch=arch)
+    variables = net.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
+    return Backbone(jax.device_put(variables), None, RANDOM_BACKBONE, [warning])
+
+
+def load_result(path: Path) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def settings(config: Config, weights_desc: str) -> dict[str, Any]:
+    """The settings every results table states (SPEC.md section 3)."""
+    return {
+        "weights": weights_desc,
+        "preprocessing": (f"RGB; shorter side to {config.resize} with PIL LANCZOS; center crop "
+                          f"{config.image_size}; ImageNet mean/std"),
+        "evaluation_resolution": f"{config.image_size}x{config.image_size}",
+        "image_score": {"smoothed_max": "max of the Gaussian-smoothed upsampled map (reference code)",
+                        "patch_max": "max of the raw patch map (paper's equation)"}[config.image_score],
+        "sigma": config.sigma,
+        "prototypes": "L2-normalised (cosine)" if config.normalize_prototypes else
+                      "raw cluster means (reference code)",
+        "clustering": config.clustering,
+        "num_prototypes": config.num_prototypes,
+        "finch_level": config.finch_level if config.num_prototypes is None else None,
+        "max_patches": config.max_patches,
+        "seed": config.seed,
+        "backbone_dtype": config.dtype,
+        "config": dataclasses.asdict(config),
+    }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=False), mode="w")
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue()), mode="w")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, array))
+
+
+def run_category(dataset: str, data_dir: str | Path, category: str, out_dir: Path, config: Config,
+                 net: Backbone, *, batch_size: int = 8,
+                 save_raw_maps: bool = False, skip_bad_images: bool = False, num_overlays: int = 4,
+                 progress: bool = True) -> dict[str, Any]:
+    """Fits on ``train``, scores ``test``, measures, writes ``out_dir/<category>/...``; returns the row."""
+    cat = data.read_dataset(dataset, data_dir, category)
+    cat_dir = out_dir / category
+    t0 = time.perf_counter()
+    model = pipeline.fit(cat.train, net.path, config=config, variables=net.variables,
+                         batch_size=batch_size, progress=progress)
+    model.save(cat_dir / "model.npz")
+    t1 = time.perf_counter()
+    scored = pipeline.score_images(model, [it.path for it in cat.test], net.variables,
+                                   batch_size=batch_size, progress=progress, skip_bad=skip_bad_images)
+    t2 = time.perf_counter()
+    kept = {Path(p) for p in scored.inputs}
+    items = [it for it in cat.test if it.path in kept]
+    skipped = [str(it.path) for it in cat.test if it.path not in kept]
+    labels = np.array([it.label for it in items])
+    masks = data.load_masks(items, config.resize, config.image_size) if cat.has_masks else None
+    if masks is None:
+        log.warning("%s: no ground_truth folder; pixel metrics are null", category)
+    values = metrics.evaluate_all(labels, scored.scores, masks, scored.maps)
+    t3 = time.perf_counter()
+
+    rows = [{"path": str(it.path), "defect_type": it.defect_type, "label": it.label,
+             "score": float(s)} for it, s in zip(items, scored.scores)]
+    _write_csv(cat_dir / "scores.csv", ("path", "defect_type", "label", "score"), rows)
+    if save_raw_maps:
+        for it, m in zip(items, scored.maps):
+            _save_npy(cat_dir / "maps" / it.defect_type / f"{it.path.stem}.npy", m.astype(np.float32))
+    overlays = _write_overlays(cat_dir, items, scored, masks, config, num_overlays)
+
+    result = {
+        "category": category, **values, "num_prototypes": model.num_prototypes,
+        "num_train": len(cat.train), "num_test": len(items), "skipped_images": skipped,
+        "seconds_features": model.info["seconds_features"],
+        "seconds_clustering": model.info["seconds_clustering"],
+        "seconds_fit_total": round(t1 - t0, 3), "seconds_scoring": round(t2 - t1, 3),
+        "seconds_metrics": round(t3 - t2, 3), "backbone": net.description, "fit_info": model.info,
+        "overlays": overlays,
+    }
+    _write_json(cat_dir / "result.json", result)  # last: marks the category finished
+    return result
+
+
+def _write_overlays(cat_dir: Path, items: list, scored: pipeline.ScoredImages, masks: np.ndarray | None,
+                    config: Config, n: int) -> list[str]:
+    """Panels for the ``n`` most and ``n`` least anomalous test images; returns relative paths."""
+    order = np.argsort(-scored.scores, kind="stable")
+    picks = [("most", i) for i in order[:n]] + [("least", i) for i in order[::-1][:n]]
+    vmin, vmax = float(scored.maps.min()), float(scored.maps.max())
+    out = []
+    for rank, (kind, i) in enumerate(picks):
+        it = items[i]
+        image = data.preprocess_image(it.path, config.resize, config.image_size)
+        title = f"{kind} anomalous #{rank % n + 1}: {it.defect_type}/{it.path.name} score {scored.scores[i]:.4f}"
+        png = report.panel(image, scored.maps[i], None if masks is None else masks[i], title, vmin, vmax)
+        rel = f"overlays/{kind}_{rank % n + 1:02d}_{it.defect_type}_{it.path.stem}.png"
+        report.save_png(png, cat_dir / rel)
+        out.append(rel)
+    return out
+
+
+def summarize(results: list[dict], out_dir: Path, run_settings: dict, warnings: list[str]) -> dict:
+    """Writes results.json, results.csv and report.html over all categories; returns the summary."""
+    mean = {"category": "mean"}
+    for k in METRICS:
+        vals = [r[k] for r in results if r.get(k) is not None]
+        mean[k] = float(np.mean(vals)) if vals else None
+    summary = {"settings": run_settings, "warnings": warnings, "categories": results, "mean": mean}
+    _write_json(out_dir / "results.json", summary)
+    _write_csv(out_dir / "results.csv", CSV_COLUMNS, results + [mean])
+    notes = warnings + [f"{k}: {v}" for k, v in run_settings.items() if k != "config"]
+    galleries = {f"{r['category']}: most and least anomalous test images (image | ground truth | heatmap)":
+                 [f"{r['category']}/{p}" for p in r.get("overlays", [])] for r in results}
+    report.write_html(out_dir / "report.html", "protoad_jax results", notes, CSV_COLUMNS,
+                      results + [mean], galleries)
+    return summary
+
+
+def format_table(results: list[dict], mean: dict) -> str:
+    """A plain-text table: one row per category and the mean."""
+    head = f"{'category':<16}" + "".join(f"{k:>14}" for k in METRICS) + f"{'K':>7}{'fit s':>9}{'score s':>9}"
+    lines = [head, "-" * len(head)]
+    for r in results + [mean]:
+        cells = "".join(f"{r[k]:>14.4f}" if r.get(k) is not None else f"{'n/a':>14}" for k in METRICS)
+        extra = (f"{r['num_prototypes']:>7}{r['seconds_fit_total']:>9.1f}{r['seconds_scoring']:>9.1f}"
+                 if "num_prototypes" in r else "")
+        lines.append(f"{r['category']:<16}{cells}{extra}")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Fit, score and measure ProtoAD on MVTec AD, BTAD or your own folder; write tables, maps and a report.
+
+Commands:
+  python scripts/evaluate.py --demo
+      Generates a small MVTec-layout dataset (a texture and an object with scratches, holes,
+      stains, missing pieces) under <output_dir>/demo_data and runs the whole job on it.
+  python scripts/evaluate.py --dataset=mvtec --data_dir=/data/mvtec_ad --categories=all \\
+      --weights=weights/wide_resnet50_2_imagenet1k_v1.npz --output_dir=runs/mvtec
+  python scripts/evaluate.py --dataset=btad --data_dir=/data/btad --categories=01,02,03 ...
+  python scripts/evaluate.py --dataset=folder --data_dir=/data/my_part ...   (train/, test/<good|type>/, ground_truth/)
+
+It prints one table row per category and the mean (image AUROC, pixel AUROC, AU-PRO, image and
+pixel F1-max, K, seconds) and writes O/results.json, O/results.csv, O/report.html and, per
+category, O/<category>/{model.npz, scores.csv, result.json, overlays/*.png[, maps/<type>/<name>.npy]}.
+Finished categories are skipped on a rerun unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("dataset", "mvtec", ["mvtec", "btad", "folder"], "Dataset layout.")
+flags.DEFINE_string("data_dir", None, "Dataset root (for folder: the folder with train/ and test/).")
+flags.DEFINE_list("categories", ["all"], "Categories: all, or a comma-separated list.")
+flags.DEFINE_string("weights", None, "Backbone .npz from scripts/convert_weights.py "
+                    "(default: the converted ImageNet file in the weights cache).")
+flags.DEFINE_string("output_dir", None, "Where results go (default runs/<dataset>, or demo_output with --demo).")
+flags.DEFINE_enum("clustering", "finch", ["finch", "kmeans"], "Prototype clustering.")
+flags.DEFINE_integer("num_prototypes", None, "K prototypes (FINCH: required number of clusters; 0 = take "
+                     "FINCH level --finch_level). Default: evaluation.DEFAULT_K.")
+flags.DEFINE_integer("finch_level", 0, "FINCH partition level when --num_prototypes=0.")
+flags.DEFINE_integer("max_patches", None, "Subsample training patches to this many (seeded).")
+flags.DEFINE_integer("seed", 0, "Seed for subsampling, k-means++ and the demo data.")
+flags.DEFINE_enum("image_score", "smoothed_max", ["smoothed_max", "patch_max"], "Image score definition.")
+flags.DEFINE_bool("normalize_prototypes", True, "L2-normalise prototypes (False: reference code's raw means).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Backbone compute dtype.")
+flags.DEFINE_integer("batch_size", 8, "Images per jitted call.")
+flags.DEFINE_bool("save_raw_maps", False, "Save float32 maps as <category>/maps/<type>/<name>.npy.")
+flags.DEFINE_bool("skip_bad_images", False, "Skip (and count) undecodable test images instead of failing.")
+flags.DEFINE_bool("overwrite", False, "Redo categories that already have results.")
+flags.DEFINE_bool("demo", False, "Generate a demo dataset and evaluate on it.")
+flags.DEFINE_bool("allow_random_weights", False, "Run with a random-init backbone when no weights exist.")
+flags.DEFINE_integer("num_overlays", 4, "Overlays of the most and of the least anomalous test images.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def main(argv):
+    del argv
+    from protoad_jax import Config, data, demo, evaluation
+
+    out = Path(FLAGS.output_dir or ("demo_output" if FLAGS.demo else f"runs/{FLAGS.dataset}"))
+    dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
+    if FLAGS.demo:
+        dataset, data_dir = "mvtec", demo.make_demo_dataset(out / "demo_data", seed=FLAGS.seed)
+    elif data_dir is None:
+        raise app.UsageError("--data_dir is required (or use --demo)")
+    k = FLAGS.num_prototypes
+    config = Config(clustering=FLAGS.clustering, seed=FLAGS.seed, finch_level=FLAGS.finch_level,
+                    num_prototypes=(evaluation.DEFAULT_K if k is None else k or None),
+                    max_patches=FLAGS.max_patches, image_score=FLAGS.image_score,
+                    normalize_prototypes=FLAGS.normalize_prototypes, dtype=FLAGS.dtype)
+    backbone = evaluation.resolve_backbone(FLAGS.weights, config.arch, demo=FLAGS.demo,
+                                           allow_random=FLAGS.allow_random_weights)
+    names = data.list_categories(dataset, data_dir) if FLAGS.categories == ["all"] else FLAGS.categories
+    results = []
+    for name in names:
+        done = out / name / "result.json"
+        if done.exists() and not FLAGS.overwrite:
+            print(f"{name}: finished earlier, kept ({done}); --overwrite redoes it", flush=True)
+            results.append(evaluation.load_result(done))
+            continue
+        print(f"== {name}", flush=True)
+        results.append(evaluation.run_category(
+            dataset, data_dir, name, out, config, backbone, batch_size=FLAGS.batch_size,
+            save_raw_maps=FLAGS.save_raw_maps, skip_bad_images=FLAGS.skip_bad_images,
+            num_overlays=FLAGS.num_overlays, progress=FLAGS.progress))
+    summary = evaluation.summarize(results, out, evaluation.settings(config, backbone.description),
+                                   backbone.warnings)
+    for w in backbone.warnings:
+        print(w)
+    print(evaluation.format_table(results, summary["mean"]))
+    print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'report.html'}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    sys.exit(app.run(main))
