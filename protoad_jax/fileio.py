@@ -13,7 +13,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     """Calls ``write(file)`` on a temporary file next to ``path``, then renames it into place.
 
     On any failure (including KeyboardInterrupt) the temporary file is removed and ``path`` is
-    left as it was.
+    left as it was. The file gets the mode ``open()`` would give (0o666 less the umask), not
+    ``mkstemp``'s 0o600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -21,8 +22,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

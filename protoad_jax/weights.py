@@ -17,7 +17,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -150,12 +149,11 @@ def download(
       ChecksumError: the digest does not match; nothing is left at ``dest``.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
+
+    def stream(f) -> None:
         digest = hashlib.sha256()
         try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as resp:
+            with urllib.request.urlopen(url, timeout=60) as resp:
                 total = int(resp.headers.get("Content-Length") or 0) or None
                 with _progress_bar(dest.name, total, show_progress) as bar:
                     while chunk := resp.read(_CHUNK):
@@ -173,12 +171,8 @@ def download(
                 f"could not download {url}: {reason}. {_manual_hint(url, dest)}"
             ) from None
         _check_hash(digest.hexdigest(), sha256_prefix, f"{url} (nothing was kept)")
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+
+    return fileio.atomic_write(dest, stream)
 
 
 def _progress_bar(desc: str, total: int | None, enabled: bool):
@@ -401,29 +395,12 @@ def _package_version() -> str:
 
 def _write_pair(npz: Path, flat: dict[str, np.ndarray], meta_path: Path, meta: dict) -> None:
     """Writes the .npz and its .json so that either both appear or neither changes."""
-    npz.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_json = tempfile.mkstemp(dir=npz.parent, prefix=f".{meta_path.name}.", suffix=".tmp")
+    fileio.atomic_write(npz, lambda f: np.savez(f, **flat))
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp_json, _file_mode())
-        fileio.atomic_write(npz, lambda f: np.savez(f, **flat))
-        try:
-            os.chmod(npz, _file_mode())
-            os.replace(tmp_json, meta_path)
-        except BaseException:
-            npz.unlink(missing_ok=True)
-            raise
-    finally:
-        Path(tmp_json).unlink(missing_ok=True)
-
-
-def _file_mode() -> int:
-    """0o666 less the umask: what ``open()`` would have given (mkstemp files are 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+        fileio.atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2) + "\n"), mode="w")
+    except BaseException:
+        npz.unlink(missing_ok=True)
+        raise
 
 
 def save_variables(path: str | os.PathLike, variables: dict) -> Path:
@@ -435,9 +412,7 @@ def save_variables(path: str | os.PathLike, variables: dict) -> Path:
         k: np.asarray(v, np.float32)
         for k, v in traverse_util.flatten_dict(dict(variables), sep="/").items()
     }
-    path = fileio.atomic_write(path, lambda f: np.savez(f, **flat))
-    os.chmod(path, _file_mode())
-    return path
+    return fileio.atomic_write(path, lambda f: np.savez(f, **flat))
 
 
 def load_variables(
