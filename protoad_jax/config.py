@@ -68,7 +68,7 @@ class Config:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Config":
+    def from_json(cls, text: str) -> Config:
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

@@ -218,6 +218,25 @@ def _files(folder: Path, exts: Sequence[str]) -> list[Path]:
                   key=lambda p: p.name)
 
 
+def find_images(path: str | os.PathLike) -> list[Path]:
+    """An image file as ``[path]``, or a folder's images (recursive, sorted by relative path).
+
+    Raises:
+      DatasetError: the path does not exist, or the folder holds no image files.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DatasetError(f"{path} does not exist; pass an image file or a folder of images")
+    found = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                   key=lambda p: p.relative_to(path).as_posix())
+    if not found:
+        raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}")
+    return found
+
+
 def _subdirs(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
                   key=lambda p: p.name)

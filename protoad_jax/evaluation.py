@@ -64,13 +64,33 @@ def resolve_backbone(weights_path: str | None, arch: str = "wide_resnet50_2", *,
                                "and pass --weights=PATH.npz, or pass --allow_random_weights to run "
                                "with a random-init backbone (results are then not meaningful).") from e
         reason = str(e).splitlines()[0]
-    warning = (f"WARNING: {RANDOM_BACKBONE}: the ImageNet weights are not available ({reason}). "
-               "Features come from a randomly initialised WideResNet, so the numbers are NOT those "
-               "of ProtoAD. Convert the weights with scripts/convert_weights.py and rerun.")
-    logging.getLogger(__name__).warning(warning)
+    return random_backbone(arch, f"the ImageNet weights are not available ({reason})")
+
+
+def random_backbone(arch: str, reason: str) -> Backbone:
+    """A deterministic (PRNG key 0) random-init backbone, with a prominent warning."""
+    warning = (f"WARNING: {RANDOM_BACKBONE}: {reason}. Features come from a randomly initialised "
+               "WideResNet, so the numbers are NOT those of ProtoAD. Convert the ImageNet weights with "
+               "scripts/convert_weights.py and rerun.")
+    log.warning(warning)
     net = backbone.ResNet(arch=arch)
     variables = net.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
     return Backbone(jax.device_put(variables), None, RANDOM_BACKBONE, [warning])
+
+
+def backbone_for_model(model: pipeline.Model, weights_path: str | None = None, *,
+                       allow_random: bool = False) -> Backbone:
+    """The backbone a model was fitted with: ``weights_path``, else the path recorded in the model.
+
+    A model fitted with the random-init backbone (demo) needs ``allow_random``.
+    """
+    path = weights_path or model.weights
+    if path is not None:
+        return Backbone(pipeline.load_backbone(path, model.config.arch), str(path), str(path), [])
+    if not allow_random:
+        raise ValueError("this model was fitted with a random-init backbone (no weights file recorded); "
+                         "pass --allow_random_weights to use it anyway, or --weights=PATH.npz")
+    return random_backbone(model.config.arch, "the model was fitted with a random-init backbone")
 
 
 def load_result(path: Path) -> dict[str, Any]:

@@ -7,8 +7,8 @@ with the edges ``i - kappa(i)`` (two samples sharing a first neighbour are joine
 so a level is the weakly connected components of the first-neighbour graph. Each cluster is
 replaced by the mean of its original member vectors and the next level clusters the means.
 
-Jitted pieces (static chunk sizes / cluster counts): ``first_neighbours`` (public) and the
-cluster-mean reductions. The hierarchy itself has data-dependent sizes, so ``finch`` drives it
+Jitted pieces (static chunk sizes / cluster counts): ``_first_neighbours`` (behind the validating
+public ``first_neighbours``), the cluster-mean reductions and the cosine matrix of the merge mode. The hierarchy itself has data-dependent sizes, so ``finch`` drives it
 from the host: components with ``scipy.sparse.csgraph`` (``O(n)``), the closest-pair merging of the
 required-number-of-clusters mode in NumPy.
 

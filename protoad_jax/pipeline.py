@@ -302,6 +302,20 @@ def fit(images: Iterable[Any], weights: str | os.PathLike | None = None, cluster
 # ----------------------------------------------------------------------------- scoring
 
 
+def calibrate_threshold(normal_scores: np.ndarray, quantile: float = 0.99) -> tuple[float, str]:
+    """Threshold from normal images only: the ``quantile`` of their scores (numpy linear).
+
+    Returns ``(threshold, rule)``; an image is anomalous when its score is above the threshold.
+    """
+    scores = np.asarray(normal_scores, np.float64)
+    if scores.ndim != 1 or len(scores) == 0:
+        raise ValueError(f"calibration needs the scores of at least one normal image; got shape {scores.shape}")
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    return float(np.quantile(scores, quantile)), f"{quantile:g} quantile of {len(scores)} normal image scores"
+
+
+
 def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int | None = None
                 ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
     """A pure, jitted function ``images [b, s, s, 3] float32 -> (maps [b, s, s], scores [b])``.

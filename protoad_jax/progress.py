@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+from typing_extensions import Self
+
 
 class Progress:
     """``with Progress("features", total=n) as bar: bar.update(k)``; silent when ``enabled`` is False."""
@@ -14,7 +16,7 @@ class Progress:
         self.n, self.start, self._last = 0, time.perf_counter(), 0.0
         self._tty = sys.stderr.isatty()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Self:
         self._draw(force=True)
         return self
 

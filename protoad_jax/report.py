@@ -51,7 +51,7 @@ def mask_outline(image_u8: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def panel(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None, title: str,
           vmin: float, vmax: float) -> Image.Image:
-    """One row: image | ground truth (or "no mask") | heatmap over the image, with a caption.
+    """One row: image | ground truth (only when ``mask`` is given) | heatmap over the image, captioned.
 
     Args:
       image: ``[h, w, 3]`` ImageNet-normalised float32 (as scored).
@@ -59,16 +59,14 @@ def panel(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None, t
       mask: ``[h, w]`` bool or None.
     """
     img = to_uint8_image(image)
-    h, w = img.shape[:2]
-    gt = mask_outline(img, mask) if mask is not None else np.full_like(img, 40)
-    row = np.concatenate([img, np.full((h, 4, 3), 255, np.uint8), gt,
-                          np.full((h, 4, 3), 255, np.uint8), overlay(img, anomaly_map, vmin, vmax)], axis=1)
+    h = img.shape[0]
+    gap = np.full((h, 4, 3), 255, np.uint8)
+    gt = [mask_outline(img, mask), gap] if mask is not None else []
+    row = np.concatenate([img, gap, *gt, overlay(img, anomaly_map, vmin, vmax)], axis=1)
     canvas = Image.new("RGB", (row.shape[1], h + 18), "white")
     canvas.paste(Image.fromarray(row), (0, 18))
     draw = ImageDraw.Draw(canvas)
     draw.text((2, 3), title, fill="black")
-    if mask is None:
-        draw.text((w + 10, 18 + h // 2), "no mask", fill="white")
     return canvas
 
 
@@ -92,10 +90,10 @@ def write_html(path: str | os.PathLike, title: str, notes: Sequence[str], column
     ``galleries`` maps a heading to image paths relative to the page's folder.
     """
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-           "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
+           ("<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
            "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
            "td:first-child{text-align:left}.warn{color:#b00;font-weight:bold}img{margin:4px;"
-           "border:1px solid #ccc}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+           "border:1px solid #ccc}</style></head><body>"), f"<h1>{html.escape(title)}</h1>"]
     for note in notes:
         cls = " class='warn'" if note.startswith("WARNING") else ""
         out.append(f"<p{cls}>{html.escape(note)}</p>")
