@@ -8,9 +8,10 @@ so a level is the weakly connected components of the first-neighbour graph. Each
 replaced by the mean of its original member vectors and the next level clusters the means.
 
 Jitted pieces (static chunk sizes / cluster counts): ``_first_neighbours`` (behind the validating
-public ``first_neighbours``), the cluster-mean reductions and the cosine matrix of the merge mode. The hierarchy itself has data-dependent sizes, so ``finch`` drives it
-from the host: components with ``scipy.sparse.csgraph`` (``O(n)``), the closest-pair merging of the
-required-number-of-clusters mode in NumPy.
+public ``first_neighbours``), the cluster-mean reductions and the cosine matrix of the merge
+mode. The hierarchy has data-dependent sizes, so ``finch`` drives it from the host: components
+with ``scipy.sparse.csgraph`` (``O(n)``), the closest-pair merging of the required-number-of-clusters
+mode in NumPy (``O(m)`` per merge).
 
 Memory: first neighbours are computed block by block, ``chunk_size`` queries against
 ``chunk_size`` keys (a ``[chunk, chunk]`` similarity block, never ``[n, n]`` nor ``[chunk, n]``),
@@ -18,7 +19,9 @@ with a running best per query; the data may be stored as float16 and is cast to 
 L2-normalised) one block at a time. 1.23 M x 1792 float16 patches (4.4 GB) cluster in well
 under 24 GB. Compute is exact: ``n^2 d`` multiply-adds at level 0, which is the cost of FINCH
 (the published code switches to approximate, non-deterministic neighbours above 70 k samples;
-this module does not).
+this module does not). Measured on 2 shared CPU cores (~90 GFLOP/s): 10 k x 1792 float16 samples
+take 7 s for the whole hierarchy, 50 k take 103 s for level 0 and 124 s in all with
+``num_clusters=1000``; 1.23 M extrapolates to ~17 h on such a CPU, a few minutes on a GPU.
 
 Differences from the published FINCH code, by design: the ``ensure_early_exit`` distance
 threshold is not implemented (it is off by default there too); ``min_clusters`` (default 2)
@@ -291,7 +294,8 @@ def finch(x: jax.typing.ArrayLike, *, num_clusters: int | None = None, chunk_siz
     n = x.shape[0]
     if num_clusters is not None and (
             not isinstance(num_clusters, (int, np.integer)) or not 1 <= num_clusters <= n):
-        raise ValueError(f"finch: num_clusters must be an integer in [1, n={n}], got {num_clusters!r}")
+        raise ValueError(
+            f"finch: num_clusters must be an integer in [1, n={n}], got {num_clusters!r}")
     if int(min_clusters) < 1:
         raise ValueError(f"finch: min_clusters must be >= 1, got {min_clusters}")
 
@@ -328,11 +332,13 @@ def finch(x: jax.typing.ArrayLike, *, num_clusters: int | None = None, chunk_siz
             base_labels, base_means, base_counts = (
                 partitions[req_level], all_means[req_level], all_counts[req_level])
         else:
-            base_labels, base_means, base_counts = np.arange(n, dtype=np.int32), x.astype(jnp.float32), np.ones(n)
+            base_labels, base_means = np.arange(n, dtype=np.int32), x.astype(jnp.float32)
+            base_counts = np.ones(n)
         m = len(base_counts)
         if m > MAX_MERGE_CLUSTERS:
             raise ValueError(
-                f"finch: merging down to num_clusters={k} starts from {m} clusters (level {req_level}); "
+                f"finch: merging down to num_clusters={k} starts from {m} clusters "
+                f"(level {req_level}); "
                 f"at most {MAX_MERGE_CLUSTERS} fit the [m, m] similarity matrix. Ask for fewer "
                 f"clusters than level {req_level + 1} has, or subsample x")
         merged = _merge_closest(np.asarray(base_means), base_counts, k)

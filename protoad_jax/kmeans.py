@@ -35,7 +35,7 @@ class KMeansResult(NamedTuple):
 
     Attributes:
       centroids: ``[k, d]`` float32 (unit norm when spherical).
-      assignment: ``[n]`` int32, index of the nearest centroid of each sample (lowest index on ties).
+      assignment: ``[n]`` int32, nearest centroid of each sample (lowest index on ties).
       inertia: ``[]`` float32. Euclidean: sum of squared distances to the assigned centroid.
         Spherical: sum of cosine distances ``1 - cos(x_i, c_a(i))``.
       iterations: ``[]`` int32, Lloyd iterations (assignment + update steps) performed.
@@ -51,13 +51,14 @@ class KMeansResult(NamedTuple):
 
 
 def _unchunk(out: jax.Array, n: int, chunk: int) -> jax.Array:
-    """``[num_chunks, chunk, ...]`` per-chunk outputs -> ``[n, ...]`` (drops the clamped overlap)."""
+    """``[num_chunks, chunk, ...]`` chunk outputs -> ``[n, ...]`` (drops the clamped overlap)."""
     head = out[:-1].reshape((out.shape[0] - 1) * chunk, *out.shape[2:])
     skip = (out.shape[0] - 1) * chunk - (n - chunk)  # rows of the last chunk already in `head`
     return jnp.concatenate([head, out[-1, skip:]], axis=0)
 
 
-def _scan_rows(fn: Callable, init: Any, x: jax.Array, chunk: int, rows: Any = ()) -> tuple[Any, Any]:
+def _scan_rows(fn: Callable, init: Any, x: jax.Array, chunk: int,
+               rows: Any = ()) -> tuple[Any, Any]:
     """Scans ``fn`` over row chunks of ``x`` (and of the per-row arrays ``rows``).
 
     Chunk ``i`` covers rows ``[s, s + chunk)`` with ``s = min(i * chunk, n - chunk)``; rows below
@@ -100,7 +101,8 @@ def _prepare(xc: jax.Array, spherical: bool) -> jax.Array:
 # ----------------------------------------------------------------------------- distances
 
 
-def _assign_chunk(xc: jax.Array, centroids: jax.Array, spherical: bool) -> tuple[jax.Array, jax.Array]:
+def _assign_chunk(xc: jax.Array, centroids: jax.Array,
+                  spherical: bool) -> tuple[jax.Array, jax.Array]:
     """Nearest centroid of each row: ``([chunk] int32 index, [chunk] float32 distance)``.
 
     Euclidean distance is ``|x|^2 - 2 x.c + |c|^2`` (clamped at 0); spherical is ``1 - x.c`` on
@@ -119,7 +121,7 @@ def _assign_chunk(xc: jax.Array, centroids: jax.Array, spherical: bool) -> tuple
 
 
 def _assign(x, centroids, chunk, spherical, prev=None):
-    """One pass over ``x``: assignment, distances, per-cluster sums and counts, inertia, #changed."""
+    """One pass over ``x``: assignment, distances, cluster sums and counts, inertia, #changed."""
     k, d = centroids.shape
 
     def fn(carry, xc, prev_c, valid, start):
@@ -274,7 +276,8 @@ def kmeans(x: jax.typing.ArrayLike, k: int, key: jax.Array, *, max_iters: int = 
         raise ValueError(f"kmeans: x must be [n, d], got shape {x.shape}")
     n, d = x.shape
     if n == 0 or d == 0:
-        raise ValueError(f"kmeans: x must have at least one sample and one feature, got shape {x.shape}")
+        raise ValueError(
+            f"kmeans: x must have at least one sample and one feature, got shape {x.shape}")
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= n:
         raise ValueError(f"kmeans: k must be an integer in [1, n={n}], got {k!r}")
     if int(max_iters) < 1:

@@ -40,7 +40,8 @@ def test_matches_sklearn_lloyd():
     x = blobs()
     rng = np.random.default_rng(1)
     init = x[rng.choice(len(x), 8, replace=False)]
-    res = kmeans(x, 8, jax.random.key(0), init=init, tol=0.0, chunk_size=256)  # 256 does not divide 1500
+    res = kmeans(x, 8, jax.random.key(0), init=init, tol=0.0,
+                 chunk_size=256)  # does not divide 1500
     sk = KMeans(8, init=init, n_init=1, algorithm="lloyd", tol=0.0, max_iter=100).fit(x)
     rel = abs(float(res.inertia) - sk.inertia_) / sk.inertia_
     cerr = np.abs(np.asarray(res.centroids) - sk.cluster_centers_).max()
@@ -60,7 +61,7 @@ def test_kmeanspp_key_contract():
     c = kmeans(x, 6, jax.random.key(4), chunk_size=300)
     for p, q in zip(a, b):
         np.testing.assert_array_equal(np.asarray(p), np.asarray(q))
-    assert not np.array_equal(np.asarray(a.centroids), np.asarray(c.centroids)), "different key, same result"
+    assert not np.array_equal(np.asarray(a.centroids), np.asarray(c.centroids)), "key ignored"
     # Converged Lloyd fixed point: assignment is the nearest centroid, centroids are the means.
     xa, ca = np.asarray(a.assignment), np.asarray(a.centroids)
     d2 = ((x[:, None, :].astype(np.float64) - ca[None]) ** 2).sum(-1)
@@ -79,7 +80,8 @@ def test_kmeanspp_key_contract():
 def test_spherical_matches_numpy():
     x = blobs(n=1200, d=12, centers=7, seed=5) + 0.5
     rng = np.random.default_rng(6)
-    init = x[rng.choice(len(x), 7, replace=False)] * rng.uniform(0.5, 2.0, (7, 1)).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, (7, 1)).astype(np.float32)
+    init = x[rng.choice(len(x), 7, replace=False)] * scale
     res = kmeans(x, 7, jax.random.key(0), init=init, tol=0.0, spherical=True, chunk_size=500)
     c, a, inertia, it = numpy_spherical(x.astype(np.float64), init.astype(np.float64))
     cerr = np.abs(np.asarray(res.centroids) - c).max()
@@ -113,7 +115,8 @@ def test_empty_clusters_are_reseeded(case):
     a = np.argmin(d2, axis=1)
     empty = 3 if case == "duplicate" else 2
     assert not (a == empty).any()
-    want = np.stack([x[a == j].mean(0) if j != empty else x[np.argmax(d2.min(1))] for j in range(5)])
+    far = x[np.argmax(d2.min(1))]
+    want = np.stack([x[a == j].mean(0) if j != empty else far for j in range(5)])
     err = np.abs(np.asarray(one.centroids) - want).max()
     print(f"  one step: centroid error {err:.2e}")
     assert int(one.iterations) == 1 and err < 1e-5, f"re-seeded centroids: error {err} >= 1e-5"
@@ -125,7 +128,8 @@ def test_kmeanspp_samples_by_squared_distance():
     blob = np.repeat(np.arange(5), 60)
     x = (centers[blob] + rng.normal(size=(300, 4))).astype(np.float32)
     for seed in range(4):
-        seeds = np.asarray(kmeans_lib._kmeans_pp(jnp.asarray(x), 5, jax.random.key(seed), 128, False))
+        seeds = kmeans_lib._kmeans_pp(jnp.asarray(x), 5, jax.random.key(seed), 128, False)
+        seeds = np.asarray(seeds)
         rows = [int(np.flatnonzero((x == s).all(1))[0]) for s in seeds]
         # D^2 sampling puts one seed in each far-apart blob (uniform sampling would rarely: 4%).
         assert sorted(blob[rows].tolist()) == [0, 1, 2, 3, 4], (seed, blob[rows])
@@ -157,7 +161,8 @@ def test_jit_vmap_and_no_recompile():
         j = jitted(x, keys[i])
         np.testing.assert_array_equal(np.asarray(j.assignment), np.asarray(e.assignment))
         np.testing.assert_array_equal(np.asarray(batched.assignment[i]), np.asarray(e.assignment))
-        np.testing.assert_allclose(np.asarray(batched.centroids[i]), np.asarray(e.centroids), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(batched.centroids[i]), np.asarray(e.centroids),
+                                   atol=1e-6)
     before = kmeans_lib._kmeans._cache_size()
     kmeans(x + 1.0, 4, jax.random.key(9), chunk_size=150)
     assert kmeans_lib._kmeans._cache_size() == before, "recompiled for the same shapes"
