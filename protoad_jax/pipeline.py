@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from protoad_jax import backbone, data, features, finch, kmeans, scoring
-from protoad_jax.fileio import atomic_write
 from protoad_jax.config import EMBED_CHANNELS, EMBED_LAYERS, Config
+from protoad_jax.fileio import atomic_write
 from protoad_jax.progress import Progress
 
 FORMAT_VERSION = 1
+MODEL_KEYS = ("format_version", "prototypes", "config", "meta")  # the arrays of a model file
 # Patches are stored on the host in float16 above this many bytes of float32 (halves memory at
 # MVTec scale: 1.23M x 1792 is 8.8 GB in float32); clustering computes in float32 per chunk.
 FLOAT16_PATCHES_ABOVE_BYTES = 4 << 30
@@ -56,13 +57,24 @@ class Model:
     def num_prototypes(self) -> int:
         return int(self.prototypes.shape[0])
 
-    def with_threshold(self, threshold: float | None, rule: str | None = None) -> "Model":
+    def with_threshold(self, threshold: float | None, rule: str | None = None) -> Model:
         info = dict(self.info, threshold_rule=rule) if rule else self.info
         return dataclasses.replace(self, threshold=threshold, info=info)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Writes one ``.npz`` (no pickles) atomically: prototypes, config JSON, metadata JSON."""
+        """Writes the model as one ``.npz`` (no pickles; ``np.load(allow_pickle=False)`` opens it).
+
+        The write is atomic. The file holds exactly these arrays (``MODEL_KEYS``):
+          ``format_version``: ``[]`` int64, ``FORMAT_VERSION``;
+          ``prototypes``: ``[k, c]`` float32, exactly as the head uses them;
+          ``config``: ``[]`` unicode, ``Config.to_json()``;
+          ``meta``: ``[]`` unicode, JSON ``{"weights", "threshold", "info"}``.
+
+        Returns:
+          ``path``.
+        """
         path = Path(path)
+        _check_prototypes(self.prototypes, "Model.save")
         meta = {"weights": self.weights, "threshold": self.threshold, "info": self.info}
         arrays = {
             "format_version": np.array(FORMAT_VERSION, np.int64),
@@ -99,18 +111,52 @@ def load_model(path: str | os.PathLike) -> Model:
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise ValueError(f"model file {path} is truncated or not an .npz written by protoad_jax "
                          f"({type(e).__name__}: {e}); re-create it with Model.save()") from e
-    missing = {"format_version", "prototypes", "config", "meta"} - set(contents)
+    missing = sorted(set(MODEL_KEYS) - set(contents))
     if missing:
-        raise ValueError(f"{path} is not a protoad_jax model file: missing {sorted(missing)}")
-    version = int(contents["format_version"])
+        raise ValueError(f"{path} is not a protoad_jax model file: missing {missing} "
+                         f"(found {sorted(contents)}; expected {list(MODEL_KEYS)})")
+    fv = contents["format_version"]
+    if fv.shape != () or not np.issubdtype(fv.dtype, np.integer):
+        raise ValueError(f"model file {path}: format_version must be an integer scalar, got "
+                         f"{fv.dtype} of shape {fv.shape}")
+    version = int(fv)
     if version != FORMAT_VERSION:
         raise ValueError(f"model file {path} has format version {version}; this protoad_jax reads "
                          f"version {FORMAT_VERSION}. Refit the model with this version.")
-    meta = json.loads(str(contents["meta"]))
-    config = Config.from_json(str(contents["config"]))
-    prototypes = np.asarray(contents["prototypes"], np.float32)
-    scoring.prepare_prototypes(prototypes, normalize=False)  # validates rank, K >= 1, finite values
+    try:
+        meta = json.loads(str(contents["meta"]))
+        config = Config.from_json(str(contents["config"]))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"model file {path} has an unreadable config or meta entry "
+                         f"({type(e).__name__}: {e}); re-create it with Model.save()") from e
+    if not isinstance(meta, dict):
+        msg = (f"model file {path}: meta is a JSON {type(meta).__name__}, expected an object; "
+               "re-create it with Model.save()")
+        raise ValueError(msg)  # noqa: TRY004 - a malformed file, like every other file problem
+    prototypes = contents["prototypes"]
+    if prototypes.dtype != np.float32:
+        raise ValueError(f"model file {path}: prototypes must be float32, got {prototypes.dtype}")
+    _check_prototypes(prototypes, f"model file {path}")
     return Model(prototypes, config, meta.get("weights"), meta.get("threshold"), meta.get("info", {}))
+
+
+def _check_prototypes(prototypes: Any, what: str) -> None:
+    """Raises ValueError unless ``prototypes`` is ``[k >= 1, EMBED_CHANNELS]`` of finite floats."""
+    shape = tuple(np.shape(prototypes))
+    if len(shape) != 2 or shape[1] != EMBED_CHANNELS:
+        raise ValueError(f"{what}: prototypes must be [k, {EMBED_CHANNELS}] (one row per prototype, "
+                         f"{EMBED_CHANNELS} = layer1+2+3 channels); got shape {shape}")
+    if shape[0] < 1:
+        raise ValueError(f"{what}: prototypes are empty (k = 0, shape {shape}); a model needs at "
+                         "least one prototype")
+    p = np.asarray(prototypes)
+    if not np.issubdtype(p.dtype, np.floating):
+        raise ValueError(f"{what}: prototypes must be floating point, got {p.dtype}")
+    finite = np.isfinite(p).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(f"{what}: {bad.size} of {shape[0]} prototypes contain NaN or inf "
+                         f"(rows {bad[:5].tolist()})")
 
 
 # ----------------------------------------------------------------------------- jitted regions
@@ -160,16 +206,32 @@ def _score_config(config: Config, chunk_size: int | None) -> tuple:
 # ----------------------------------------------------------------------------- inputs
 
 
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    """On the array's device: one small compiled reduction per shape, no host copy."""
+    return jnp.isfinite(x).all()
+
+
 def check_images(images: Any, image_size: int) -> None:
-    """Raises ValueError unless ``images`` is ``[b, image_size, image_size, 3]`` float32 of finite values."""
-    shape, dtype = tuple(np.shape(images)), getattr(images, "dtype", None)
-    if len(shape) != 4 or shape[1:] != (image_size, image_size, 3):
-        raise ValueError(f"images must be [batch, {image_size}, {image_size}, 3] (NHWC, preprocessed with "
-                         f"protoad_jax.preprocess_image); got shape {shape}")
+    """Raises ValueError unless ``images`` is ``[b, image_size, image_size, 3]`` float32 of finite values.
+
+    Shape and dtype are checked on tracers too (inside a user's ``jit``/``vmap``); values only on
+    concrete arrays (a jax array is reduced on its device, not copied to the host).
+    """
+    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+        raise ValueError(f"images must be a numpy or jax array [batch, {image_size}, {image_size}, 3] "
+                         f"float32; got a {type(images).__name__}")
+    shape, dtype = tuple(images.shape), images.dtype
+    if len(shape) != 4 or shape[1:] != (image_size, image_size, 3) or shape[0] < 1:
+        raise ValueError(f"images must be [batch >= 1, {image_size}, {image_size}, 3] (NHWC, preprocessed "
+                         f"with protoad_jax.preprocess_image); got shape {shape}")
     if dtype != np.float32:
         raise ValueError(f"images must be float32 (ImageNet-normalised); got dtype {dtype}. "
                          "Use protoad_jax.preprocess_image, which returns float32.")
-    if not isinstance(images, jax.core.Tracer) and not np.isfinite(np.asarray(images)).all():
+    if isinstance(images, jax.core.Tracer):
+        return
+    finite = _all_finite(images) if isinstance(images, jax.Array) else np.isfinite(images).all()
+    if not bool(finite):
         raise ValueError("images contain NaN or inf pixels; check the decoding and normalisation")
 
 
@@ -281,6 +343,9 @@ def fit(images: Iterable[Any], weights: str | os.PathLike | None = None, cluster
     """
     if config is None:
         config = Config(clustering=clustering, num_prototypes=num_prototypes, seed=seed, **settings)
+    elif settings or (clustering, num_prototypes, seed) != ("finch", 1000, 0):
+        raise ValueError("fit(): pass either config= or the individual settings (clustering, "
+                         "num_prototypes, seed, ...), not both")
     images = list(images)
     if not images:
         raise ValueError("fit() got an empty training set; pass at least one normal image")
@@ -294,7 +359,7 @@ def fit(images: Iterable[Any], weights: str | os.PathLike | None = None, cluster
     centres, info = cluster(patches, config, progress=progress)
     t2 = time.perf_counter()
     prototypes = np.asarray(scoring.prepare_prototypes(centres, config.normalize_prototypes))
-    info.update(num_images=len(images), num_patches=int(len(patches)), patch_dtype=patches.dtype.name,
+    info.update(num_images=len(images), num_patches=len(patches), patch_dtype=patches.dtype.name,
                 seconds_features=round(t1 - t0, 3), seconds_clustering=round(t2 - t1, 3))
     return Model(prototypes, config, str(weights) if weights is not None else None, info=info)
 
@@ -316,20 +381,47 @@ def calibrate_threshold(normal_scores: np.ndarray, quantile: float = 0.99) -> tu
 
 
 
+def _model_variables(model: Model, variables: dict | None) -> dict:
+    if variables is not None:
+        return variables
+    if model.weights is None:
+        raise ValueError("the model records no backbone weights path; pass variables= "
+                         "(pipeline.load_backbone(PATH.npz))")
+    return load_backbone(model.weights, model.config.arch)
+
+
+def _check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return int(chunk_size)
+
+
 def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int | None = None
                 ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
     """A pure, jitted function ``images [b, s, s, 3] float32 -> (maps [b, s, s], scores [b])``.
 
-    The backbone runs batched; the head is vmapped per image. It can be called inside the
-    user's own ``jax.jit`` and ``jax.vmap``. ``chunk_size`` bounds the head's memory for large K
-    (a running max over prototype chunks).
+    The backbone runs batched; the head is vmapped per image. The jitted region is shared by
+    every model with the same static settings (``_score_fn`` cache) and compiles once per batch
+    shape. The scorer can be called inside the user's own ``jax.jit`` and ``jax.vmap``; its
+    shape and dtype checks run at trace time, the NaN/inf check only on concrete inputs.
+
+    Args:
+      model: a fitted or loaded ``Model``; its prototypes are used as stored.
+      variables: backbone variables (default: loaded from ``model.weights``).
+      chunk_size: prototypes per step of a running max over prototype chunks (bounds the head's
+        memory for large K); None = one matmul.
+
+    Raises:
+      ValueError: prototypes not ``[k >= 1, 1792]`` or not finite; no weights; bad ``chunk_size``.
+        The returned scorer raises ValueError for images that are not
+        ``[b, s, s, 3]`` float32 or hold NaN/inf.
     """
-    if variables is None:
-        if model.weights is None:
-            raise ValueError("model has no backbone weights path; pass variables= or weights")
-        variables = load_backbone(model.weights, model.config.arch)
-    fn = _score_fn(*_score_config(model.config, chunk_size))
-    prototypes = jnp.asarray(model.prototypes)
+    _check_prototypes(model.prototypes, "make_scorer")
+    variables = _model_variables(model, variables)
+    fn = _score_fn(*_score_config(model.config, _check_chunk_size(chunk_size)))
+    prototypes = jnp.asarray(model.prototypes, jnp.float32)
     size = model.config.image_size
 
     def scorer(images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -355,13 +447,14 @@ def score_images(model: Model, images: Sequence[Any], variables: dict | None = N
                  batch_size: int = 8, progress: bool = True, chunk_size: int | None = None,
                  skip_bad: bool = False) -> ScoredImages:
     """Scores paths or preprocessed arrays in fixed-size batches (one compile for any count)."""
-    if variables is None:
-        variables = load_backbone(model.weights, model.config.arch)
-    fn = _score_fn(*_score_config(model.config, chunk_size))
-    prototypes = jnp.asarray(model.prototypes)
+    _check_prototypes(model.prototypes, "score_images")
+    variables = _model_variables(model, variables)
+    fn = _score_fn(*_score_config(model.config, _check_chunk_size(chunk_size)))
+    prototypes = jnp.asarray(model.prototypes, jnp.float32)
+    images = list(images)
     maps, scores, patch_maps, inputs = [], [], [], []
     with Progress("scoring", len(images), "img", progress) as bar:
-        for batch, items in iter_batches(list(images), batch_size, model.config, skip_bad=skip_bad):
+        for batch, items in iter_batches(images, batch_size, model.config, skip_bad=skip_bad):
             n = len(items)
             res = jax.device_get(fn(variables, prototypes, jnp.asarray(batch)))
             maps.append(res.anomaly_map[:n])
