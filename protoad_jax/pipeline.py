@@ -307,7 +307,8 @@ def cluster(patches: np.ndarray, config: Config, *, progress: bool = True) -> tu
             info.update(iterations=int(res.iterations), inertia=float(res.inertia))
             centres = np.asarray(res.centroids)
         else:
-            res = finch.finch(patches, num_clusters=config.num_prototypes)
+            k = None if config.num_prototypes is None else min(config.num_prototypes, len(patches))
+            res = finch.finch(patches, num_clusters=k)
             info["finch_levels"] = [int(c) for c in res.num_clusters]
             if config.num_prototypes is None:
                 level = min(config.finch_level, len(res.means) - 1)

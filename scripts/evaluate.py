@@ -66,6 +66,16 @@ def main(argv):
                     normalize_prototypes=FLAGS.normalize_prototypes, dtype=FLAGS.dtype)
     backbone = evaluation.resolve_backbone(FLAGS.weights, config.arch, demo=FLAGS.demo,
                                            allow_random=FLAGS.allow_random_weights)
+    try:
+        return _run_all(dataset, data_dir, out, config, backbone)
+    except (data.DatasetError, data.BadImageError) as e:  # expected, explained errors: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run_all(dataset, data_dir, out, config, backbone):
+    from protoad_jax import data, evaluation
+
     names = data.list_categories(dataset, data_dir) if FLAGS.categories == ["all"] else FLAGS.categories
     results = []
     for name in names:
