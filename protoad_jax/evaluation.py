@@ -114,6 +114,7 @@ def settings(config: Config, weights_desc: str) -> dict[str, Any]:
         "num_prototypes": config.num_prototypes,
         "finch_level": config.finch_level if config.num_prototypes is None else None,
         "max_patches": config.max_patches,
+        "max_patches_resolved": config.patch_budget(jax.default_backend()),
         "seed": config.seed,
         "backbone_dtype": config.dtype,
         "config": dataclasses.asdict(config),

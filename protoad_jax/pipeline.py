@@ -268,13 +268,14 @@ def load_backbone(weights: str | os.PathLike, arch: str = "wide_resnet50_2") -> 
 
 def extract_patches(images: Sequence[Any], variables: dict, config: Config, *, batch_size: int = 8,
                     progress: bool = True) -> np.ndarray:
-    """All (or ``config.max_patches`` seeded-sampled) L2-normalised patch embeddings ``[n, 1792]``."""
+    """All (or ``config.patch_budget(...)`` seeded-sampled) L2-normalised patch embeddings ``[n, 1792]``."""
     per_image = (config.image_size // 4) ** 2
     total = len(images) * per_image
     keep = None
-    if config.max_patches is not None and config.max_patches < total:
+    budget = config.patch_budget(jax.default_backend())
+    if budget is not None and budget < total:
         rng = np.random.default_rng(config.seed)
-        keep = np.sort(rng.choice(total, size=config.max_patches, replace=False))
+        keep = np.sort(rng.choice(total, size=budget, replace=False))
     n_out = total if keep is None else len(keep)
     channels = EMBED_CHANNELS
     store = np.float16 if n_out * channels * 4 > FLOAT16_PATCHES_ABOVE_BYTES else np.float32

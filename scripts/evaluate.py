@@ -34,7 +34,8 @@ flags.DEFINE_enum("clustering", "finch", ["finch", "kmeans"], "Prototype cluster
 flags.DEFINE_integer("num_prototypes", None, "K prototypes (FINCH: required number of clusters; 0 = take "
                      "FINCH level --finch_level). Default: evaluation.DEFAULT_K.")
 flags.DEFINE_integer("finch_level", 0, "FINCH partition level when --num_prototypes=0.")
-flags.DEFINE_integer("max_patches", None, "Subsample training patches to this many (seeded).")
+flags.DEFINE_string("max_patches", "auto", "Subsample training patches to this many (seeded); 'all'; "
+                    "'auto' = all on GPU/TPU, config.CPU_MAX_PATCHES on CPU.")
 flags.DEFINE_integer("seed", 0, "Seed for subsampling, k-means++ and the demo data.")
 flags.DEFINE_enum("image_score", "smoothed_max", ["smoothed_max", "patch_max"], "Image score definition.")
 flags.DEFINE_bool("normalize_prototypes", True, "L2-normalise prototypes (False: reference code's raw means).")
@@ -62,7 +63,7 @@ def main(argv):
     k = FLAGS.num_prototypes
     config = Config(clustering=FLAGS.clustering, seed=FLAGS.seed, finch_level=FLAGS.finch_level,
                     num_prototypes=(evaluation.DEFAULT_K if k is None else k or None),
-                    max_patches=FLAGS.max_patches, image_score=FLAGS.image_score,
+                    max_patches=_max_patches(FLAGS.max_patches), image_score=FLAGS.image_score,
                     normalize_prototypes=FLAGS.normalize_prototypes, dtype=FLAGS.dtype)
     backbone = evaluation.resolve_backbone(FLAGS.weights, config.arch, demo=FLAGS.demo,
                                            allow_random=FLAGS.allow_random_weights)
@@ -71,6 +72,14 @@ def main(argv):
     except (data.DatasetError, data.BadImageError) as e:  # expected, explained errors: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _max_patches(text: str):
+    if text in ("auto", "all"):
+        return None if text == "all" else "auto"
+    if not text.isdigit() or int(text) < 1:
+        raise app.UsageError(f"--max_patches must be a positive integer, 'all' or 'auto'; got {text!r}")
+    return int(text)
 
 
 def _run_all(dataset, data_dir, out, config, backbone):
