@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,15 +43,24 @@ def get_arch(name: str) -> Arch:
     return ARCHS[name]
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str, bias: bool = False) -> nn.Conv:
     p = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((p, p), (p, p)), use_bias=False, dtype=dtype, name=name)
+                   padding=((p, p), (p, p)), use_bias=bias, dtype=dtype, name=name)
 
 
 def _bn(dtype: Any, name: str) -> nn.BatchNorm:
     # Eval-mode BatchNorm, torch's epsilon; statistics live in the "batch_stats" collection.
     return nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, dtype=dtype, name=name)
+
+
+def _conv_bn(x: jax.Array, features: int, kernel: int, stride: int, dtype: Any, conv: str, bn: str,
+             folded: bool) -> jax.Array:
+    """conv -> eval BatchNorm; with ``folded`` the BatchNorm lives in the conv's kernel and bias
+    (see ``fold_batchnorm``) and module ``bn`` does not exist."""
+    if folded:
+        return _conv(features, kernel, stride, dtype, conv, bias=True)(x)
+    return _bn(dtype, bn)(_conv(features, kernel, stride, dtype, conv)(x))
 
 
 class Downsample(nn.Module):
@@ -59,11 +69,11 @@ class Downsample(nn.Module):
     features: int
     stride: int
     dtype: Any = jnp.float32
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _conv(self.features, 1, self.stride, self.dtype, "0")(x)
-        return _bn(self.dtype, "1")(x)
+        return _conv_bn(x, self.features, 1, self.stride, self.dtype, "0", "1", self.folded)
 
 
 class Bottleneck(nn.Module):
@@ -74,15 +84,17 @@ class Bottleneck(nn.Module):
     stride: int = 1
     downsample: bool = False
     dtype: Any = jnp.float32
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        f, dt = self.folded, self.dtype
+        out = nn.relu(_conv_bn(x, self.width, 1, 1, dt, "conv1", "bn1", f))
+        out = nn.relu(_conv_bn(out, self.width, 3, self.stride, dt, "conv2", "bn2", f))
+        out = _conv_bn(out, self.planes * 4, 1, 1, dt, "conv3", "bn3", f)
         identity = x
-        out = nn.relu(_bn(self.dtype, "bn1")(_conv(self.width, 1, 1, self.dtype, "conv1")(x)))
-        out = nn.relu(_bn(self.dtype, "bn2")(_conv(self.width, 3, self.stride, self.dtype, "conv2")(out)))
-        out = _bn(self.dtype, "bn3")(_conv(self.planes * 4, 1, 1, self.dtype, "conv3")(out))
         if self.downsample:
-            identity = Downsample(self.planes * 4, self.stride, self.dtype, name="downsample")(x)
+            identity = Downsample(self.planes * 4, self.stride, dt, f, name="downsample")(x)
         return nn.relu(out + identity)
 
 
@@ -95,13 +107,15 @@ class Stage(nn.Module):
     width: int
     in_features: int
     dtype: Any = jnp.float32
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         needs_ds = self.stride != 1 or self.in_features != self.planes * 4
         for i in range(self.blocks):
             x = Bottleneck(self.planes, self.width, self.stride if i == 0 else 1,
-                           downsample=needs_ds and i == 0, dtype=self.dtype, name=str(i))(x)
+                           downsample=needs_ds and i == 0, dtype=self.dtype, folded=self.folded,
+                           name=str(i))(x)
         return x
 
 
@@ -113,11 +127,14 @@ class ResNet(nn.Module):
       dtype: compute dtype (``jnp.float32`` default; ``jnp.bfloat16`` allowed). Parameters stay float32.
       last_stage: deepest stage computed: ``"layer3"`` (default, ProtoAD), ``"layer4"``, or
         ``"fc"`` (layer4, global average pool and the ImageNet classifier, as ``feats["fc"]``).
+      folded: BatchNorm folded into the convolutions (variables from ``fold_batchnorm``): the same
+        function with one op fewer per conv. The stored ``.npz`` keeps BatchNorm unfused.
     """
 
     arch: str = "wide_resnet50_2"
     dtype: Any = jnp.float32
     last_stage: str = "layer3"
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -126,7 +143,7 @@ class ResNet(nn.Module):
         if self.last_stage not in STAGES[1:]:
             raise ValueError(f"last_stage must be one of {STAGES[1:]}, got {self.last_stage!r}")
         x = x.astype(self.dtype)
-        x = nn.relu(_bn(self.dtype, "bn1")(_conv(64, 7, 2, self.dtype, "conv1")(x)))
+        x = nn.relu(_conv_bn(x, 64, 7, 2, self.dtype, "conv1", "bn1", self.folded))
         feats = {"stem": x}
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
         in_features = 64
@@ -136,7 +153,7 @@ class ResNet(nn.Module):
                 break
             width = planes * spec.width_per_group // 64
             x = Stage(planes, blocks, 1 if s == 1 else 2, width, in_features, self.dtype,
-                      name=f"layer{s}")(x)
+                      self.folded, name=f"layer{s}")(x)
             in_features = planes * 4
             feats[f"layer{s}"] = x
         if self.last_stage == "fc":
@@ -150,3 +167,41 @@ def abstract_variables(arch: str = "wide_resnet50_2", last_stage: str = "layer3"
     model = ResNet(arch=arch, last_stage=last_stage)
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     return jax.eval_shape(model.init, jax.random.key(0), x)
+
+
+def fold_batchnorm(variables: dict) -> dict:
+    """Folds every eval-mode BatchNorm into the convolution before it (for ``ResNet(folded=True)``).
+
+    ``y = (conv(x, W) - mean) * scale / sqrt(var + eps) + bias`` becomes ``conv(x, W') + b'`` with
+    ``W' = W * scale / sqrt(var + eps)`` (per output channel, HWIO last axis) and
+    ``b' = bias - mean * scale / sqrt(var + eps)``; computed in float64, stored float32.
+
+    Args:
+      variables: ``{"params": ..., "batch_stats": ...}`` of an unfolded ``ResNet``.
+
+    Returns:
+      ``{"params": ...}``: BatchNorm modules removed, their convs given a ``bias``.
+    """
+    params, stats = variables["params"], variables["batch_stats"]
+    pairs = {"conv1": "bn1", "conv2": "bn2", "conv3": "bn3", "0": "1"}
+
+    def fold(p: dict, s: dict) -> dict:
+        out = {}
+        for name, sub in p.items():
+            if name in pairs and "kernel" in sub and pairs[name] in p:
+                bn_p, bn_s = p[pairs[name]], s[pairs[name]]
+                inv = np.asarray(bn_p["scale"], np.float64) / np.sqrt(np.asarray(bn_s["var"], np.float64) + BN_EPS)
+                out[name] = {
+                    "kernel": (np.asarray(sub["kernel"], np.float64) * inv).astype(np.float32),
+                    "bias": (np.asarray(bn_p["bias"], np.float64)
+                             - np.asarray(bn_s["mean"], np.float64) * inv).astype(np.float32),
+                }
+            elif name in pairs.values() and "scale" in sub:
+                continue  # folded into its conv
+            elif "kernel" in sub:  # fc
+                out[name] = sub
+            else:
+                out[name] = fold(sub, s.get(name, {}))
+        return out
+
+    return {"params": fold(params, stats)}

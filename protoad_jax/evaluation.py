@@ -73,9 +73,13 @@ def random_backbone(arch: str, reason: str) -> Backbone:
                "WideResNet, so the numbers are NOT those of ProtoAD. Convert the ImageNet weights with "
                "scripts/convert_weights.py and rerun.")
     log.warning(warning)
-    net = backbone.ResNet(arch=arch)
-    variables = net.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
+    variables = backbone.fold_batchnorm(random_variables(arch))
     return Backbone(jax.device_put(variables), None, RANDOM_BACKBONE, [warning])
+
+
+def random_variables(arch: str = "wide_resnet50_2") -> dict:
+    """Flax's default initialisation of the backbone (PRNG key 0), BatchNorm unfolded."""
+    return backbone.ResNet(arch=arch).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
 
 
 def backbone_for_model(model: pipeline.Model, weights_path: str | None = None, *,

@@ -4,6 +4,11 @@ Library functions elsewhere are per-image and plain; here they are composed into
 regions, each built once per static configuration and cached (15 categories never recompile):
   * ``_embed_fn``: images ``[b, s, s, 3]`` -> L2-normalised patch embeddings ``[b, h, w, 1792]``;
   * ``_score_fn``: images ``[b, s, s, 3]`` -> ``ScoreResult`` batched (backbone -> embed -> head).
+
+Devices: batches are split across all local devices (``local_mesh()``, axis ``"batch"``;
+``batch_sharding()``), the backbone variables and prototypes replicated (``replicated_sharding()``,
+once per call, not per batch); the jitted regions follow their inputs' shardings. FINCH / k-means
+split their nearest-neighbour query chunks over the same mesh. With one device nothing changes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from protoad_jax import backbone, data, features, finch, kmeans, scoring
 from protoad_jax.config import EMBED_CHANNELS, EMBED_LAYERS, Config
@@ -166,19 +173,22 @@ def _dtype(name: str) -> Any:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def _embed_batch(net: backbone.ResNet, variables: dict, images: jax.Array) -> jax.Array:
-    """``[b, s, s, 3]`` -> per-position embeddings ``[b, h, w, 1792]`` (float32)."""
+def _embed_batch(arch: str, dtype: str, variables: dict, images: jax.Array) -> jax.Array:
+    """``[b, s, s, 3]`` -> per-position embeddings ``[b, h, w, 1792]`` (float32).
+
+    Variables without ``batch_stats`` are BatchNorm-folded (``backbone.fold_batchnorm``); the
+    choice is made from the pytree structure at trace time.
+    """
+    net = backbone.ResNet(arch=arch, dtype=_dtype(dtype), folded="batch_stats" not in variables)
     feats = net.apply(variables, images)
     return jax.vmap(features.embed)({k: feats[k] for k in EMBED_LAYERS})
 
 
 @functools.cache
 def _embed_fn(arch: str, dtype: str, out_dtype: str) -> Callable:
-    net = backbone.ResNet(arch=arch, dtype=_dtype(dtype))
-
     @jax.jit
     def fn(variables, images):
-        return scoring.l2_normalize(_embed_batch(net, variables, images)).astype(out_dtype)
+        return scoring.l2_normalize(_embed_batch(arch, dtype, variables, images)).astype(out_dtype)
 
     return fn
 
@@ -186,13 +196,12 @@ def _embed_fn(arch: str, dtype: str, out_dtype: str) -> Callable:
 @functools.cache
 def _score_fn(arch: str, dtype: str, image_size: int, sigma: float, truncate: float,
               image_score: str, chunk_size: int | None) -> Callable:
-    net = backbone.ResNet(arch=arch, dtype=_dtype(dtype))
     head = functools.partial(scoring.score_image, out_size=(image_size, image_size), sigma=sigma,
                              truncate=truncate, image_score=image_score, chunk_size=chunk_size)
 
     @jax.jit
     def fn(variables, prototypes, images):
-        emb = _embed_batch(net, variables, images)
+        emb = _embed_batch(arch, dtype, variables, images)
         return jax.vmap(head, in_axes=(0, None))(emb, prototypes)
 
     return fn
@@ -201,6 +210,47 @@ def _score_fn(arch: str, dtype: str, image_size: int, sigma: float, truncate: fl
 def _score_config(config: Config, chunk_size: int | None) -> tuple:
     return (config.arch, config.dtype, config.image_size, float(config.sigma), float(config.truncate),
             config.image_score, chunk_size)
+
+
+# ----------------------------------------------------------------------------- devices
+
+BATCH_AXIS = "batch"
+
+
+@functools.cache
+def local_mesh() -> Mesh:
+    """1-D mesh (axis ``"batch"``) over this process's devices, ``jax.local_devices()``.
+
+    On several hosts (after ``jax.distributed.initialize()``) each process shards over its own
+    host's devices only: the work is data parallel, with no cross-host communication.
+    """
+    return Mesh(np.array(jax.local_devices()), (BATCH_AXIS,))
+
+
+def batch_sharding() -> NamedSharding:
+    """The leading (batch) axis split across ``local_mesh()``; it must divide by its size."""
+    return NamedSharding(local_mesh(), P(BATCH_AXIS))
+
+
+def replicated_sharding() -> NamedSharding:
+    """A full copy on every device of ``local_mesh()``."""
+    return NamedSharding(local_mesh(), P())
+
+
+def _replicated(tree: Any) -> Any:
+    """``tree`` on every local device (a no-op on one device or when already replicated)."""
+    return tree if local_mesh().size == 1 else jax.device_put(tree, replicated_sharding())
+
+
+def _device_batch(batch: np.ndarray) -> jax.Array:
+    """A host batch ``[b, ...]`` (``b`` a multiple of the device count) split across devices."""
+    return jnp.asarray(batch) if local_mesh().size == 1 else jax.device_put(batch, batch_sharding())
+
+
+def _device_batch_size(batch_size: int) -> int:
+    """``batch_size`` rounded up to a multiple of the local device count."""
+    n = local_mesh().size
+    return -(-int(batch_size) // n) * n
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -259,16 +309,26 @@ def iter_batches(images: Sequence[Any], batch_size: int, config: Config, *, skip
 # ----------------------------------------------------------------------------- fit
 
 
-def load_backbone(weights: str | os.PathLike, arch: str = "wide_resnet50_2") -> dict:
-    """Backbone variables from a converted ``.npz`` (see scripts/convert_weights.py)."""
+def load_backbone(weights: str | os.PathLike, arch: str = "wide_resnet50_2", *, fold: bool = True) -> dict:
+    """Backbone variables from a converted ``.npz`` (see scripts/convert_weights.py), on device.
+
+    With ``fold`` (default) BatchNorm is folded into the convolutions at load time
+    (``backbone.fold_batchnorm``): one op fewer per conv, same function within float32 rounding.
+    The ``.npz`` itself keeps the unfused tensors.
+    """
     from protoad_jax import weights as weights_lib
 
-    return jax.device_put(weights_lib.load_variables(weights, arch=arch, last_stage="layer3"))
+    variables = weights_lib.load_variables(weights, arch=arch, last_stage="layer3")
+    return jax.device_put(backbone.fold_batchnorm(variables) if fold else variables)
 
 
 def extract_patches(images: Sequence[Any], variables: dict, config: Config, *, batch_size: int = 8,
                     progress: bool = True) -> np.ndarray:
-    """All (or ``config.patch_budget(...)`` seeded-sampled) L2-normalised patch embeddings ``[n, 1792]``."""
+    """All (or ``config.patch_budget(...)`` seeded-sampled) L2-normalised patch embeddings ``[n, 1792]``.
+
+    Batches of ``batch_size`` (rounded up to a multiple of the local device count) are split
+    across the local devices.
+    """
     per_image = (config.image_size // 4) ** 2
     total = len(images) * per_image
     keep = None
@@ -281,11 +341,12 @@ def extract_patches(images: Sequence[Any], variables: dict, config: Config, *, b
     store = np.float16 if n_out * channels * 4 > FLOAT16_PATCHES_ABOVE_BYTES else np.float32
     out = np.empty((n_out, channels), store)
     fn = _embed_fn(config.arch, config.dtype, np.dtype(store).name)
+    variables = _replicated(variables)
     pos = written = 0
     with Progress("features", len(images), "img", progress) as bar:
-        for batch, items in iter_batches(images, batch_size, config):
+        for batch, items in iter_batches(images, _device_batch_size(batch_size), config):
             n_valid = len(items)
-            emb = np.asarray(fn(variables, jnp.asarray(batch)))[:n_valid].reshape(-1, channels)
+            emb = np.asarray(fn(variables, _device_batch(batch)))[:n_valid].reshape(-1, channels)
             if keep is not None:
                 lo, hi = np.searchsorted(keep, [pos, pos + len(emb)])
                 emb = emb[keep[lo:hi] - pos]
@@ -297,19 +358,24 @@ def extract_patches(images: Sequence[Any], variables: dict, config: Config, *, b
 
 
 def cluster(patches: np.ndarray, config: Config, *, progress: bool = True) -> tuple[np.ndarray, dict]:
-    """Prototypes ``[k, c]`` (cluster means of the patches) and clustering details."""
+    """Prototypes ``[k, c]`` (cluster means of the patches) and clustering details.
+
+    The nearest-neighbour searches are split across the local devices (same result on any
+    number of devices).
+    """
     info: dict[str, Any] = {"clustering": config.clustering}
     with Progress(f"clustering ({config.clustering})", None, "", progress):
         if config.clustering == "kmeans":
             if config.num_prototypes is None:
                 raise ValueError("k-means needs num_prototypes (K); got None")
             res = kmeans.kmeans(patches, min(config.num_prototypes, len(patches)),
-                                jax.random.key(config.seed), spherical=config.spherical)
+                                jax.random.key(config.seed), spherical=config.spherical,
+                                mesh=local_mesh())
             info.update(iterations=int(res.iterations), inertia=float(res.inertia))
             centres = np.asarray(res.centroids)
         else:
             k = None if config.num_prototypes is None else min(config.num_prototypes, len(patches))
-            res = finch.finch(patches, num_clusters=k)
+            res = finch.finch(patches, num_clusters=k, mesh=local_mesh())
             info["finch_levels"] = [int(c) for c in res.num_clusters]
             if config.num_prototypes is None:
                 level = min(config.finch_level, len(res.means) - 1)
@@ -334,7 +400,8 @@ def fit(images: Iterable[Any], weights: str | os.PathLike | None = None, cluster
       config: full settings; when given, ``clustering``, ``num_prototypes``, ``seed`` and
         ``settings`` must be left at their defaults.
       variables: backbone variables already in memory (skips loading ``weights``).
-      batch_size: images per jitted backbone call.
+      batch_size: images per jitted backbone call (rounded up to a multiple of the local device
+        count; each device gets ``batch_size / devices`` images).
       settings: other ``Config`` fields (``max_patches``, ``normalize_prototypes``, ``image_score``...).
 
     Returns:
@@ -409,6 +476,14 @@ def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int 
     shape. The scorer can be called inside the user's own ``jax.jit`` and ``jax.vmap``; its
     shape and dtype checks run at trace time, the NaN/inf check only on concrete inputs.
 
+    Devices: the variables and prototypes are replicated on every local device once, here.
+    A concrete batch (numpy or jax array) is split across the local devices
+    (``batch_sharding()``), zero-padded to a multiple of the device count when needed (the
+    padding is dropped from the outputs), and the outputs stay split the same way. Inside the
+    user's own ``jit`` the scorer leaves placement to the user: pass uncommitted or
+    ``batch_sharding()``-placed inputs (inputs committed to a single device conflict with the
+    replicated variables when there are several devices).
+
     Args:
       model: a fitted or loaded ``Model``; its prototypes are used as stored.
       variables: backbone variables (default: loaded from ``model.weights``).
@@ -423,12 +498,21 @@ def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int 
     _check_prototypes(model.prototypes, "make_scorer")
     variables = _model_variables(model, variables)
     fn = _score_fn(*_score_config(model.config, _check_chunk_size(chunk_size)))
-    prototypes = jnp.asarray(model.prototypes, jnp.float32)
+    variables, prototypes = _replicated((variables, jnp.asarray(model.prototypes, jnp.float32)))
     size = model.config.image_size
+    devices = local_mesh().size
 
     def scorer(images: jax.Array) -> tuple[jax.Array, jax.Array]:
         check_images(images, size)
+        b = images.shape[0]
+        if devices > 1 and not isinstance(images, jax.core.Tracer):
+            if b % devices:
+                pad = ((0, devices - b % devices),) + ((0, 0),) * 3
+                images = np.pad(images, pad) if isinstance(images, np.ndarray) else jnp.pad(images, pad)
+            images = jax.device_put(images, batch_sharding())
         res = fn(variables, prototypes, images)
+        if res.score.shape[0] != b:
+            return res.anomaly_map[:b], res.score[:b]
         return res.anomaly_map, res.score
 
     return scorer
@@ -448,17 +532,22 @@ class ScoredImages:
 def score_images(model: Model, images: Sequence[Any], variables: dict | None = None, *,
                  batch_size: int = 8, progress: bool = True, chunk_size: int | None = None,
                  skip_bad: bool = False) -> ScoredImages:
-    """Scores paths or preprocessed arrays in fixed-size batches (one compile for any count)."""
+    """Scores paths or preprocessed arrays in fixed-size batches (one compile for any count).
+
+    Batches of ``batch_size`` (rounded up to a multiple of the local device count) are split
+    across the local devices; variables and prototypes are replicated once per call.
+    """
     _check_prototypes(model.prototypes, "score_images")
     variables = _model_variables(model, variables)
     fn = _score_fn(*_score_config(model.config, _check_chunk_size(chunk_size)))
-    prototypes = jnp.asarray(model.prototypes, jnp.float32)
+    variables, prototypes = _replicated((variables, jnp.asarray(model.prototypes, jnp.float32)))
     images = list(images)
     maps, scores, patch_maps, inputs = [], [], [], []
     with Progress("scoring", len(images), "img", progress) as bar:
-        for batch, items in iter_batches(images, batch_size, model.config, skip_bad=skip_bad):
+        for batch, items in iter_batches(images, _device_batch_size(batch_size), model.config,
+                                         skip_bad=skip_bad):
             n = len(items)
-            res = jax.device_get(fn(variables, prototypes, jnp.asarray(batch)))
+            res = jax.device_get(fn(variables, prototypes, _device_batch(batch)))
             maps.append(res.anomaly_map[:n])
             scores.append(res.score[:n])
             patch_maps.append(res.patch_map[:n])

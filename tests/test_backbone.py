@@ -80,3 +80,22 @@ def test_wide_resnet50_2_parameter_count():
 def test_unknown_arch_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown architecture 'resnet18'"):
         backbone.get_arch("resnet18")
+
+
+def test_folded_batchnorm_equals_unfolded(wrn):
+    _, variables = wrn
+    folded = backbone.fold_batchnorm(variables)
+    assert "batch_stats" not in folded and "bn1" not in folded["params"]
+    assert folded["params"]["layer2"]["0"]["downsample"]["0"]["bias"].shape == (512,)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 96, 96, 3)).astype(np.float32))
+    ref = backbone.ResNet().apply(variables, x)
+    out = backbone.ResNet(folded=True).apply(folded, x)
+    for stage in ("stem", "layer1", "layer2", "layer3"):
+        err = float(jnp.abs(out[stage] - ref[stage]).max())
+        scale = float(jnp.abs(ref[stage]).max())
+        print(f"folded {stage}: max abs err {err:.2e} (tol {REL_TOL:.0e} x {scale:.2e})")
+        assert err <= REL_TOL * scale, (stage, err, scale)
+    # the folded variables have exactly the folded model's structure
+    want = jax.tree.map(lambda a: a.shape, jax.eval_shape(
+        backbone.ResNet(folded=True).init, jax.random.key(0), x))
+    assert jax.tree.map(lambda a: a.shape, folded) == want

@@ -28,7 +28,7 @@ BETTER_THAN_CHANCE = 0.6
 @pytest.fixture(scope="module")
 def weights_npz(tmp_path_factory):
     path = tmp_path_factory.mktemp("w") / "random_wrn.npz"
-    weights.save_variables(path, evaluation.random_backbone("wide_resnet50_2", "test").variables)
+    weights.save_variables(path, evaluation.random_variables("wide_resnet50_2"))
     return path
 
 
