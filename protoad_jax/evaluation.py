@@ -141,27 +141,67 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, array))
 
 
-def run_category(dataset: str, data_dir: str | Path, category: str, out_dir: Path, config: Config,
-                 net: Backbone, *, batch_size: int = 8,
-                 save_raw_maps: bool = False, skip_bad_images: bool = False, num_overlays: int = 4,
-                 progress: bool = True) -> dict[str, Any]:
-    """Fits on ``train``, scores ``test``, measures, writes ``out_dir/<category>/...``; returns the row."""
+class Inputs(NamedTuple):
+    """One category's inputs: ``train`` and ``test`` as image paths (folder readers) or
+    preprocessed arrays (TFDS), the test ``items``, and their ``masks`` when already decoded."""
+
+    train: list
+    test: list
+    items: list[data.TestItem]
+    has_masks: bool
+    masks: np.ndarray | None = None
+
+
+def load_inputs(dataset: str, data_dir: str | Path | None, category: str, config: Config, *,
+                tfds_data_dir: str | None = None, tfds_manual_dir: str | None = None) -> Inputs:
+    """Reads a category from a folder layout (``mvtec``, ``btad``, ``folder``) or from a TFDS
+    builder (``tfds:mvtec_ad``, ``tfds:btad``), in the same order either way."""
+    if dataset.startswith("tfds:"):
+        from protoad_jax import tfds_builders
+
+        cat = tfds_builders.load_category(f"{dataset}/{category}", tfds_data_dir, manual_dir=tfds_manual_dir)
+        train, _ = tfds_builders.preprocess_split(cat.train, config.resize, config.image_size)
+        test, masks = tfds_builders.preprocess_split(cat.test, config.resize, config.image_size)
+        return Inputs(list(train), list(test), cat.test.items(), True, masks)
     cat = data.read_dataset(dataset, data_dir, category)
+    return Inputs(cat.train, [it.path for it in cat.test], cat.test, cat.has_masks)
+
+
+def list_categories(dataset: str, data_dir: str | Path | None) -> list[str]:
+    if dataset.startswith("tfds:"):
+        from protoad_jax import tfds_builders
+
+        return tfds_builders.list_configs(dataset.removeprefix("tfds:"))
+    return data.list_categories(dataset, data_dir)
+
+
+def run_category(dataset: str, data_dir: str | Path | None, category: str, out_dir: Path, config: Config,
+                 net: Backbone, *, batch_size: int = 8, save_raw_maps: bool = False,
+                 skip_bad_images: bool = False, num_overlays: int = 4, progress: bool = True,
+                 tfds_data_dir: str | None = None, tfds_manual_dir: str | None = None) -> dict[str, Any]:
+    """Fits on ``train``, scores ``test``, measures, writes ``out_dir/<category>/...``; returns the row."""
+    inputs = load_inputs(dataset, data_dir, category, config, tfds_data_dir=tfds_data_dir,
+                         tfds_manual_dir=tfds_manual_dir)
     cat_dir = out_dir / category
     t0 = time.perf_counter()
-    model = pipeline.fit(cat.train, net.path, config=config, variables=net.variables,
+    model = pipeline.fit(inputs.train, net.path, config=config, variables=net.variables,
                          batch_size=batch_size, progress=progress)
     model.save(cat_dir / "model.npz")
     t1 = time.perf_counter()
-    scored = pipeline.score_images(model, [it.path for it in cat.test], net.variables,
-                                   batch_size=batch_size, progress=progress, skip_bad=skip_bad_images)
+    scored = pipeline.score_images(model, inputs.test, net.variables, batch_size=batch_size,
+                                   progress=progress, skip_bad=skip_bad_images)
     t2 = time.perf_counter()
-    kept = {Path(p) for p in scored.inputs}
-    items = [it for it in cat.test if it.path in kept]
-    skipped = [str(it.path) for it in cat.test if it.path not in kept]
+    scored_paths = {x for x in scored.inputs if isinstance(x, Path)}
+    keep = [i for i, x in enumerate(inputs.test) if not isinstance(x, Path) or x in scored_paths]
+    items = [inputs.items[i] for i in keep]
+    skipped = [str(inputs.items[i].path) for i in sorted(set(range(len(inputs.items))) - set(keep))]
     labels = np.array([it.label for it in items])
-    masks = data.load_masks(items, config.resize, config.image_size) if cat.has_masks else None
-    if masks is None:
+    masks = None
+    if inputs.masks is not None:
+        masks = inputs.masks[keep]
+    elif inputs.has_masks:
+        masks = data.load_masks(items, config.resize, config.image_size)
+    else:
         log.warning("%s: no ground_truth folder; pixel metrics are null", category)
     values = metrics.evaluate_all(labels, scored.scores, masks, scored.maps)
     t3 = time.perf_counter()
@@ -172,11 +212,12 @@ def run_category(dataset: str, data_dir: str | Path, category: str, out_dir: Pat
     if save_raw_maps:
         for it, m in zip(items, scored.maps):
             _save_npy(cat_dir / "maps" / it.defect_type / f"{it.path.stem}.npy", m.astype(np.float32))
-    overlays = _write_overlays(cat_dir, items, scored, masks, config, num_overlays)
+    images = [inputs.test[i] for i in keep]
+    overlays = _write_overlays(cat_dir, items, images, scored, masks, config, num_overlays)
 
     result = {
         "category": category, **values, "num_prototypes": model.num_prototypes,
-        "num_train": len(cat.train), "num_test": len(items), "skipped_images": skipped,
+        "num_train": len(inputs.train), "num_test": len(items), "skipped_images": skipped,
         "seconds_features": model.info["seconds_features"],
         "seconds_clustering": model.info["seconds_clustering"],
         "seconds_fit_total": round(t1 - t0, 3), "seconds_scoring": round(t2 - t1, 3),
@@ -187,8 +228,8 @@ def run_category(dataset: str, data_dir: str | Path, category: str, out_dir: Pat
     return result
 
 
-def _write_overlays(cat_dir: Path, items: list, scored: pipeline.ScoredImages, masks: np.ndarray | None,
-                    config: Config, n: int) -> list[str]:
+def _write_overlays(cat_dir: Path, items: list, images: list, scored: pipeline.ScoredImages,
+                    masks: np.ndarray | None, config: Config, n: int) -> list[str]:
     """Panels for the ``n`` most and ``n`` least anomalous test images; returns relative paths."""
     order = np.argsort(-scored.scores, kind="stable")
     picks = [("most", i) for i in order[:n]] + [("least", i) for i in order[::-1][:n]]
@@ -196,7 +237,9 @@ def _write_overlays(cat_dir: Path, items: list, scored: pipeline.ScoredImages, m
     out = []
     for rank, (kind, i) in enumerate(picks):
         it = items[i]
-        image = data.preprocess_image(it.path, config.resize, config.image_size)
+        image = images[i]
+        if isinstance(image, Path):
+            image = data.preprocess_image(image, config.resize, config.image_size)
         title = f"{kind} anomalous #{rank % n + 1}: {it.defect_type}/{it.path.name} score {scored.scores[i]:.4f}"
         png = report.panel(image, scored.maps[i], None if masks is None else masks[i], title, vmin, vmax)
         rel = f"overlays/{kind}_{rank % n + 1:02d}_{it.defect_type}_{it.path.stem}.png"

@@ -24,7 +24,11 @@ from pathlib import Path
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("dataset", "mvtec", ["mvtec", "btad", "folder"], "Dataset layout.")
+flags.DEFINE_enum("dataset", "mvtec", ["mvtec", "btad", "folder", "tfds:mvtec_ad", "tfds:btad"],
+                  "Dataset layout, or a TFDS builder (pip install -e '.[tfds]').")
+flags.DEFINE_string("tfds_data_dir", None, "TFDS data folder (default ~/tensorflow_datasets).")
+flags.DEFINE_string("tfds_manual_dir", None, "Where the downloaded archives/extracted folders are "
+                    "(default <tfds_data_dir>/downloads/manual).")
 flags.DEFINE_string("data_dir", None, "Dataset root (for folder: the folder with train/ and test/).")
 flags.DEFINE_list("categories", ["all"], "Categories: all, or a comma-separated list.")
 flags.DEFINE_string("weights", None, "Backbone .npz from scripts/convert_weights.py "
@@ -58,7 +62,7 @@ def main(argv):
     dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
     if FLAGS.demo:
         dataset, data_dir = "mvtec", demo.make_demo_dataset(out / "demo_data", seed=FLAGS.seed)
-    elif data_dir is None:
+    elif data_dir is None and not dataset.startswith("tfds:"):
         raise app.UsageError("--data_dir is required (or use --demo)")
     k = FLAGS.num_prototypes
     config = Config(clustering=FLAGS.clustering, seed=FLAGS.seed, finch_level=FLAGS.finch_level,
@@ -83,9 +87,9 @@ def _max_patches(text: str):
 
 
 def _run_all(dataset, data_dir, out, config, backbone):
-    from protoad_jax import data, evaluation
+    from protoad_jax import evaluation
 
-    names = data.list_categories(dataset, data_dir) if FLAGS.categories == ["all"] else FLAGS.categories
+    names = evaluation.list_categories(dataset, data_dir) if FLAGS.categories == ["all"] else FLAGS.categories
     results = []
     for name in names:
         done = out / name / "result.json"
@@ -97,7 +101,8 @@ def _run_all(dataset, data_dir, out, config, backbone):
         results.append(evaluation.run_category(
             dataset, data_dir, name, out, config, backbone, batch_size=FLAGS.batch_size,
             save_raw_maps=FLAGS.save_raw_maps, skip_bad_images=FLAGS.skip_bad_images,
-            num_overlays=FLAGS.num_overlays, progress=FLAGS.progress))
+            num_overlays=FLAGS.num_overlays, progress=FLAGS.progress,
+            tfds_data_dir=FLAGS.tfds_data_dir, tfds_manual_dir=FLAGS.tfds_manual_dir))
     summary = evaluation.summarize(results, out, evaluation.settings(config, backbone.description),
                                    backbone.warnings)
     for w in backbone.warnings:

@@ -315,3 +315,26 @@ def test_preprocess_helpers_check_inputs():
         tb.image_to_pil(np.zeros((4, 4, 2), np.uint8))
     with pytest.raises(ValueError, match=r"\[h, w\] mask"):
         tb.preprocess_example_mask(np.zeros((4, 4, 1), bool))
+
+
+def test_evaluate_through_tfds_equals_folder(tmp_path):
+    """The same category through TFDS and through the folder reader gives identical numbers."""
+    from protoad_jax import Config, evaluation
+
+    manual = tmp_path / "manual"
+    make_mvtec(manual, "bottle", grayscale=False)
+    net = evaluation.random_backbone("wide_resnet50_2", "test")
+    cfg = Config(resize=128, image_size=112, num_prototypes=30)
+    kw = {"batch_size": 4, "num_overlays": 1, "progress": False}
+    folder = evaluation.run_category("mvtec", manual, "bottle", tmp_path / "o_folder", cfg, net, **kw)
+    via_tfds = evaluation.run_category("tfds:mvtec_ad", None, "bottle", tmp_path / "o_tfds", cfg, net,
+                                       tfds_data_dir=str(_data_dir(tmp_path)), tfds_manual_dir=str(manual),
+                                       **kw)
+    for key in evaluation.METRICS + ("num_prototypes", "num_train", "num_test"):
+        print(key, folder[key], via_tfds[key])
+        assert folder[key] == via_tfds[key], key
+    scores = [np.loadtxt(d / "bottle" / "scores.csv", delimiter=",", skiprows=1, usecols=3)
+              for d in (tmp_path / "o_folder", tmp_path / "o_tfds")]
+    assert np.array_equal(scores[0], scores[1])
+    protos = [np.load(d / "bottle" / "model.npz")["prototypes"] for d in (tmp_path / "o_folder", tmp_path / "o_tfds")]
+    assert np.array_equal(protos[0], protos[1])
