@@ -402,6 +402,13 @@ def bench_head() -> list[Table]:
         table.add(k, "full" if chunk is None else f"chunked {chunk}", tj1 * 1e3, b / tjb,
                   tt1 and tt1 * 1e3, ttb and b / ttb, tt1 and f"{tt1 / tj1:.2f}x",
                   ttb and f"{ttb / tjb:.2f}x", flops / tjb / 1e9, temp_mb)
+    import jax
+
+    if jax.default_backend() == "cpu":
+        table.notes.append(
+            "XLA temp MB is 0 for the full head on CPU: XLA fuses the matmul and the max over K "
+            "into one YNNPACK fusion whose buffers are not reported (seen in the compiled HLO); "
+            "other backends may materialise the [b, 56, 56, K] similarities (not measured here).")
     table.notes += [
         ("protoad_jax: jax.jit(scoring.patch_scores) per image and jax.jit(jax.vmap("
          "patch_scores, in_axes=(0, None))) per batch (AOT-compiled, blocked until ready); "
