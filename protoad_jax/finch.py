@@ -9,7 +9,9 @@ replaced by the mean of its original member vectors and the next level clusters 
 
 Jitted pieces (static chunk sizes / cluster counts): ``_first_neighbours`` (behind the validating
 public ``first_neighbours``), the cluster-mean reductions and the cosine matrix of the merge
-mode. The hierarchy has data-dependent sizes, so ``finch`` drives it from the host: components
+mode. With a multi-device ``mesh`` the first-neighbour query chunks are split across the devices
+(``kmeans._map_rows``; the data replicated), the only ``O(n^2 d)`` step; the result is the same
+for any number of devices. The hierarchy has data-dependent sizes, so ``finch`` drives it from the host: components
 with ``scipy.sparse.csgraph`` (``O(n)``), the closest-pair merging of the required-number-of-clusters
 mode in NumPy (``O(m)`` per merge).
 
@@ -40,8 +42,16 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
 from jax import lax
+from jax.sharding import Mesh
 
-from protoad_jax.kmeans import NORM_EPS, _as_float, _check_finite, _scan_rows
+from protoad_jax.kmeans import (
+    NORM_EPS,
+    _as_float,
+    _check_finite,
+    _map_rows,
+    _replicate,
+    _scan_rows,
+)
 
 _EXACT = lax.Precision.HIGHEST  # first-neighbour argmax decisions: full float32 on every backend
 # Closest-pair merging keeps an m x m float32 similarity matrix: 32768^2 * 4 B = 4 GiB.
@@ -74,8 +84,8 @@ class FinchResult(NamedTuple):
 # ----------------------------------------------------------------------------- first neighbours
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def _first_neighbours(x: jax.Array, chunk: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("chunk", "mesh"))
+def _first_neighbours(x: jax.Array, chunk: int, mesh: Mesh | None = None) -> jax.Array:
     n = x.shape[0]
     ar = jnp.arange(chunk)
 
@@ -84,7 +94,7 @@ def _first_neighbours(x: jax.Array, chunk: int) -> jax.Array:
 
     _, norms = _scan_rows(norm_fn, (), x, chunk)
 
-    def query_fn(carry, xq, norm_q, valid_q, qstart):
+    def query_fn(xq, norm_q, qstart):
         q = xq / norm_q[:, None]
         qidx = qstart + ar
 
@@ -101,17 +111,22 @@ def _first_neighbours(x: jax.Array, chunk: int) -> jax.Array:
 
         init = (jnp.full((chunk,), -jnp.inf, jnp.float32), jnp.full((chunk,), n, jnp.int32))
         (_, best_i), _ = _scan_rows(key_fn, init, x, chunk, norms)
-        return carry, best_i
+        return best_i
 
-    return _scan_rows(query_fn, (), x, chunk, norms)[1]
+    # Query chunks are independent: split them across the mesh (each against every key chunk).
+    return _map_rows(query_fn, x, chunk, norms, mesh)
 
 
-def first_neighbours(x: jax.typing.ArrayLike, *, chunk_size: int = 1024) -> jax.Array:
+def first_neighbours(x: jax.typing.ArrayLike, *, chunk_size: int = 1024,
+                     mesh: Mesh | None = None) -> jax.Array:
     """Exact first neighbour of every sample under cosine distance, itself excluded.
 
     Args:
       x: ``[n, d]``, ``n >= 2``, any float dtype (float16 storage is cast per block).
       chunk_size: queries and keys per block; memory ``O(chunk_size^2 + chunk_size * d)``.
+      mesh: devices to split the query chunks over (``x`` is replicated on every device), e.g.
+        ``pipeline.local_mesh()``; None or one device = no sharding. The result is the same
+        for any number of devices.
 
     Returns:
       ``[n]`` int32 ``kappa``: ``kappa[i] = argmax_{j != i} cos(x_i, x_j)``, lowest ``j`` on ties.
@@ -120,10 +135,11 @@ def first_neighbours(x: jax.typing.ArrayLike, *, chunk_size: int = 1024) -> jax.
     Raises:
       ValueError: ``x`` not 2-D, fewer than 2 samples, not finite, or ``chunk_size < 1``.
     """
-    x = _validate("first_neighbours", x, chunk_size)
+    x = _validate("first_neighbours", x, chunk_size, mesh)
     if x.shape[0] < 2:
         raise ValueError(f"first_neighbours: need at least 2 samples, got shape {x.shape}")
-    return _first_neighbours(x, chunk=min(int(chunk_size), x.shape[0]))
+    chunk = min(int(chunk_size), x.shape[0])
+    return _first_neighbours(_replicate(x, mesh), chunk=chunk, mesh=mesh)
 
 
 # ----------------------------------------------------------------------------- means
@@ -250,7 +266,11 @@ def _merge_closest(means: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- public
 
 
-def _validate(name: str, x: jax.typing.ArrayLike, chunk_size: int) -> jax.Array:
+def _validate(name: str, x: jax.typing.ArrayLike, chunk_size: int,
+              mesh: Mesh | None) -> jax.Array:
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise ValueError(
+            f"{name}: mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     x = _as_float("x", x)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name}: x must be [n, d] with n, d >= 1, got shape {x.shape}")
@@ -261,7 +281,7 @@ def _validate(name: str, x: jax.typing.ArrayLike, chunk_size: int) -> jax.Array:
 
 
 def finch(x: jax.typing.ArrayLike, *, num_clusters: int | None = None, chunk_size: int = 1024,
-          min_clusters: int = 2) -> FinchResult:
+          min_clusters: int = 2, mesh: Mesh | None = None) -> FinchResult:
     """FINCH hierarchy of partitions, optionally merged down to a required number of clusters.
 
     Level 0 clusters the samples; level ``l + 1`` clusters the level-``l`` means (cosine first
@@ -281,6 +301,9 @@ def finch(x: jax.typing.ArrayLike, *, num_clusters: int | None = None, chunk_siz
       chunk_size: block size of the first-neighbour search and the mean reductions.
       min_clusters: keep coarser levels only while they have at least this many clusters
         (level 0 is always kept). The default 2 drops the trivial one-cluster partition.
+      mesh: devices to split the first-neighbour query chunks over (the data is replicated on
+        every device), e.g. ``pipeline.local_mesh()``; None or one device = no sharding. The
+        result is the same for any number of devices.
 
     Returns:
       ``FinchResult``; ``required_*`` set when ``num_clusters`` is given.
@@ -290,7 +313,7 @@ def finch(x: jax.typing.ArrayLike, *, num_clusters: int | None = None, chunk_siz
         ``min_clusters < 1``; ``chunk_size < 1``; the partition to merge down from has more than
         ``MAX_MERGE_CLUSTERS`` clusters.
     """
-    x = _validate("finch", x, chunk_size)
+    x = _replicate(_validate("finch", x, chunk_size, mesh), mesh)
     n = x.shape[0]
     if num_clusters is not None and (
             not isinstance(num_clusters, (int, np.integer)) or not 1 <= num_clusters <= n):
@@ -300,7 +323,8 @@ def finch(x: jax.typing.ArrayLike, *, num_clusters: int | None = None, chunk_siz
         raise ValueError(f"finch: min_clusters must be >= 1, got {min_clusters}")
 
     def neighbours(a: jax.Array) -> np.ndarray:
-        return np.asarray(_first_neighbours(a, chunk=min(int(chunk_size), a.shape[0])))
+        chunk = min(int(chunk_size), a.shape[0])
+        return np.asarray(_first_neighbours(_replicate(a, mesh), chunk=chunk, mesh=mesh))
 
     if n == 1:
         point_labels, counts = np.zeros(1, np.int32), np.ones(1)

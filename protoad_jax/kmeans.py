@@ -11,6 +11,10 @@ calls ``_kmeans``, the one jitted function of this module (static ``k``, ``max_i
   is never padded (a padded copy of 1.2 M x 1792 patches would cost gigabytes).
 * Distances are ``|x|^2 - 2 x.c + |c|^2`` (a matmul), never an ``[n, k, d]`` broadcast;
   centroid sums are ``segment_sum``.
+* Multi-device (``mesh`` with more than one device): the nearest-centroid search, the
+  ``O(n k d)`` part, splits its chunks across the devices (``_map_rows``, a ``shard_map`` over
+  the chunk index; ``x`` and the centroids replicated). The centroid sums then run over the
+  chunks in the same order as on one device, so results are bitwise those of the one-device run.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 NORM_EPS = 1e-12
 # Assignments are argmin decisions: run the distance matmul at full float32 precision on every
@@ -89,6 +95,63 @@ def _scan_rows(fn: Callable, init: Any, x: jax.Array, chunk: int,
     return carry, jax.tree.map(lambda o: _unchunk(o, n, chunk), outs)
 
 
+def _sharded(mesh: Mesh | None) -> bool:
+    return mesh is not None and mesh.size > 1
+
+
+def _map_rows(fn: Callable, x: jax.Array, chunk: int, rows: Any = (),
+              mesh: Mesh | None = None) -> Any:
+    """Maps ``fn`` over the row chunks of ``x`` (chunks as in ``_scan_rows``, no carry).
+
+    With a ``mesh`` of more than one device the chunk index is split across all its devices
+    (``shard_map``; ``x``, ``rows`` and whatever ``fn`` closes over are replicated). The
+    chunk count is padded up to a multiple of the device count by repeating the last chunk,
+    whose extra copies are dropped. Each chunk runs the same computation on the same shapes
+    as on one device, so the result does not depend on the device count.
+
+    Args:
+      fn: ``fn(xc [chunk, d] float32, rows_c, start) -> out``, a pytree of ``[chunk, ...]``.
+      x: ``[n, d]``, any float dtype; ``chunk <= n``.
+      chunk: static chunk size.
+      rows: pytree of ``[n, ...]`` arrays sliced alongside ``x``.
+      mesh: devices to split the chunks over; None = this computation's own device.
+
+    Returns:
+      pytree of ``[n, ...]`` arrays.
+    """
+    if not _sharded(mesh):
+        return _scan_rows(lambda c, xc, rc, valid, start: (c, fn(xc, rc, start)), (), x, chunk,
+                          rows)[1]
+    n = x.shape[0]
+    num = -(-n // chunk)
+    per_device = -(-num // mesh.size)
+    ids = jnp.minimum(jnp.arange(per_device * mesh.size), num - 1)
+
+    def one(i):
+        start = jnp.minimum(i * chunk, n - chunk)
+        xc = lax.dynamic_slice_in_dim(x, start, chunk).astype(jnp.float32)
+        rc = jax.tree.map(lambda r: lax.dynamic_slice_in_dim(r, start, chunk), rows)
+        return fn(xc, rc, start)
+
+    axes = mesh.axis_names  # the chunk axis split over every mesh axis
+
+    def local(ids):  # this device's chunks, then every device's results (replicated)
+        return lax.all_gather(lax.map(one, ids), axes, tiled=True)
+
+    # check_vma=False: scans in ``fn`` may start from replicated constants (e.g. a running
+    # best) that become per-device values; the all_gather makes the output replicated.
+    outs = jax.shard_map(local, mesh=mesh, in_specs=P(axes), out_specs=P(),
+                         check_vma=False)(ids)
+    return jax.tree.map(lambda o: _unchunk(o[:num], n, chunk), outs)
+
+
+def _replicate(x: Any, mesh: Mesh | None) -> Any:
+    """``x`` (a pytree) placed on every device of ``mesh``; unchanged without a multi-device mesh."""
+    if not _sharded(mesh):
+        return x
+    return jax.device_put(x, NamedSharding(mesh, P()))
+
+
 def _normalize(x: jax.Array) -> jax.Array:
     """``x / max(|x|, 1e-12)`` over the last axis."""
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), NORM_EPS)
@@ -120,26 +183,44 @@ def _assign_chunk(xc: jax.Array, centroids: jax.Array,
     return a.astype(jnp.int32), jnp.maximum(dist, 0.0)
 
 
-def _assign(x, centroids, chunk, spherical, prev=None):
-    """One pass over ``x``: assignment, distances, cluster sums and counts, inertia, #changed."""
+def _assign(x, centroids, chunk, spherical, prev=None, mesh=None):
+    """One pass over ``x``: assignment, distances, cluster sums and counts, inertia, #changed.
+
+    On a multi-device ``mesh`` the search (``a``, ``dist``) is split across the devices first,
+    then the sums run over the chunks in order, as the one-device pass does.
+    """
     k, d = centroids.shape
 
-    def fn(carry, xc, prev_c, valid, start):
+    def accumulate(carry, xc, a, dist, prev_c, valid):
         sums, counts, inertia, changed = carry
-        xc = _prepare(xc, spherical)
-        a, dist = _assign_chunk(xc, centroids, spherical)
         w = valid.astype(jnp.float32)
         sums = sums + jax.ops.segment_sum(xc * w[:, None], a, num_segments=k)
         counts = counts + jax.ops.segment_sum(w, a, num_segments=k)
         inertia = inertia + jnp.sum(dist * w)
         if prev is not None:
             changed = changed + jnp.sum((a != prev_c) & valid)
-        return (sums, counts, inertia, changed), (a, dist)
+        return sums, counts, inertia, changed
 
     init = (jnp.zeros((k, d), jnp.float32), jnp.zeros((k,), jnp.float32),
             jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-    rows = prev if prev is not None else jnp.zeros((x.shape[0],), jnp.int32)
-    (sums, counts, inertia, changed), (a, dist) = _scan_rows(fn, init, x, chunk, rows)
+    prev_rows = prev if prev is not None else jnp.zeros((x.shape[0],), jnp.int32)
+    if _sharded(mesh):
+        a, dist = _map_rows(
+            lambda xc, _, start: _assign_chunk(_prepare(xc, spherical), centroids, spherical),
+            x, chunk, mesh=mesh)
+
+        def fn(carry, xc, rc, valid, start):
+            return accumulate(carry, _prepare(xc, spherical), *rc, valid), ()
+
+        (sums, counts, inertia, changed), _ = _scan_rows(fn, init, x, chunk, (a, dist, prev_rows))
+        return a, dist, sums, counts, inertia, changed
+
+    def fused(carry, xc, prev_c, valid, start):
+        xc = _prepare(xc, spherical)
+        a, dist = _assign_chunk(xc, centroids, spherical)
+        return accumulate(carry, xc, a, dist, prev_c, valid), (a, dist)
+
+    (sums, counts, inertia, changed), (a, dist) = _scan_rows(fused, init, x, chunk, prev_rows)
     return a, dist, sums, counts, inertia, changed
 
 
@@ -151,14 +232,14 @@ def _rows(x: jax.Array, idx: jax.Array, spherical: bool) -> jax.Array:
 # ----------------------------------------------------------------------------- algorithm
 
 
-def _kmeans_pp(x, k, key, chunk, spherical):
+def _kmeans_pp(x, k, key, chunk, spherical, mesh=None):
     """k-means++ seeding (D^2 sampling, one candidate per step): ``[k, d]`` float32 centroids."""
     n, d = x.shape
 
     def dist_to(c):  # [n] distance of every sample to one centroid c [1, d]
-        def fn(carry, xc, _, valid, start):
-            return carry, _assign_chunk(_prepare(xc, spherical), c, spherical)[1]
-        return _scan_rows(fn, (), x, chunk)[1]
+        def fn(xc, _, start):
+            return _assign_chunk(_prepare(xc, spherical), c, spherical)[1]
+        return _map_rows(fn, x, chunk, mesh=mesh)
 
     first = jax.random.randint(jax.random.fold_in(key, 0), (), 0, n)
     c0 = _rows(x, first[None], spherical)
@@ -195,13 +276,14 @@ def _update(x, sums, counts, dist, k, spherical):
     return lax.cond(jnp.any(empty), reseed, lambda c: c, cents)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "max_iters", "tol", "spherical", "chunk"))
+@functools.partial(jax.jit,
+                   static_argnames=("k", "max_iters", "tol", "spherical", "chunk", "mesh"))
 def _kmeans(x: jax.Array, key: jax.Array, init: jax.Array | None, *, k: int, max_iters: int,
-            tol: float, spherical: bool, chunk: int) -> KMeansResult:
+            tol: float, spherical: bool, chunk: int, mesh: Mesh | None = None) -> KMeansResult:
     """Jitted k-means on validated inputs (``x`` [n, d] any float dtype, ``1 <= k <= n``)."""
     n = x.shape[0]
     if init is None:
-        cents = _kmeans_pp(x, k, key, chunk, spherical)
+        cents = _kmeans_pp(x, k, key, chunk, spherical, mesh)
     else:
         cents = _prepare(init.astype(jnp.float32), spherical)
 
@@ -211,7 +293,7 @@ def _kmeans(x: jax.Array, key: jax.Array, init: jax.Array | None, *, k: int, max
 
     def body(state):
         cents, prev_a, prev_inertia, it, _ = state
-        a, dist, sums, counts, inertia, changed = _assign(x, cents, chunk, spherical, prev_a)
+        a, dist, sums, counts, inertia, changed = _assign(x, cents, chunk, spherical, prev_a, mesh)
         new = _update(x, sums, counts, dist, k, spherical)
         # tol: relative decrease of the inertia between consecutive assignment steps. tol = 0
         # runs until the assignment is stable, like scikit-learn's tol=0.
@@ -221,7 +303,7 @@ def _kmeans(x: jax.Array, key: jax.Array, init: jax.Array | None, *, k: int, max
     init_state = (cents, jnp.full((n,), -1, jnp.int32), jnp.array(jnp.inf, jnp.float32),
                   jnp.zeros((), jnp.int32), jnp.zeros((), bool))
     cents, _, _, iters, _ = lax.while_loop(cond, body, init_state)
-    a, _, _, _, inertia, _ = _assign(x, cents, chunk, spherical)  # labels of the final centroids
+    a, _, _, _, inertia, _ = _assign(x, cents, chunk, spherical, mesh=mesh)  # final labels
     return KMeansResult(cents, a, inertia, iters)
 
 
@@ -242,7 +324,7 @@ def _as_float(name: str, a: jax.typing.ArrayLike) -> jax.Array:
 
 def kmeans(x: jax.typing.ArrayLike, k: int, key: jax.Array, *, max_iters: int = 100,
            tol: float = 1e-4, spherical: bool = False, chunk_size: int = 4096,
-           init: jax.typing.ArrayLike | None = None) -> KMeansResult:
+           init: jax.typing.ArrayLike | None = None, mesh: Mesh | None = None) -> KMeansResult:
     """k-means clustering: k-means++ seeding then Lloyd iterations.
 
     Validates on the host, then runs one jitted computation (compiled once per shape, dtype and
@@ -261,6 +343,9 @@ def kmeans(x: jax.typing.ArrayLike, k: int, key: jax.Array, *, max_iters: int = 
         cosine, and centroids are re-normalised after each update.
       chunk_size: samples per chunk of the assignment step (clamped to ``n``).
       init: optional ``[k, d]`` initial centroids (skips k-means++; normalised when spherical).
+      mesh: devices to split the nearest-centroid search over (its chunks; ``x`` is replicated
+        on every device), e.g. ``pipeline.local_mesh()``; None or one device = no sharding.
+        The result is bitwise the same for any number of devices.
 
     Returns:
       ``KMeansResult`` (jax arrays). Empty clusters are re-seeded with the samples farthest from
@@ -292,5 +377,9 @@ def kmeans(x: jax.typing.ArrayLike, k: int, key: jax.Array, *, max_iters: int = 
         if init.shape != (k, d):
             raise ValueError(f"kmeans: init must be [k, d] = [{k}, {d}], got shape {init.shape}")
         _check_finite("kmeans: init", init)
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise ValueError(
+            f"kmeans: mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    x, key, init = _replicate((x, key, init), mesh)
     return _kmeans(x, key, init, k=int(k), max_iters=int(max_iters), tol=float(tol),
-                   spherical=bool(spherical), chunk=min(int(chunk_size), n))
+                   spherical=bool(spherical), chunk=min(int(chunk_size), n), mesh=mesh)
