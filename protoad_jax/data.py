@@ -380,7 +380,7 @@ def default_num_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], num_threads: int,
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], num_threads: int,
                  prefetch: int) -> Iterator[Any]:
     """``map(fn, items)`` on a thread pool, in input order, at most ``prefetch`` items in flight."""
     if num_threads <= 1:
@@ -445,7 +445,7 @@ def _decoded(paths: Sequence[str | os.PathLike], resize: int, crop: int, num_thr
         except BadImageError as e:
             return path, e
 
-    for path, x in _ordered_map(load, map(Path, paths), num_threads, prefetch):
+    for path, x in ordered_map(load, map(Path, paths), num_threads, prefetch):
         if isinstance(x, BadImageError):
             if not skip_bad:
                 raise x
@@ -555,5 +555,5 @@ def load_masks(items: Sequence[TestItem], resize: int = 256, crop: int = 224,
         return preprocess_mask(item.mask_path, resize, crop)
 
     num_threads = default_num_threads() if num_threads is None else num_threads
-    masks = list(_ordered_map(load, items, num_threads, 4 * max(1, num_threads)))
+    masks = list(ordered_map(load, items, num_threads, 4 * max(1, num_threads)))
     return np.stack(masks) if masks else np.zeros((0, crop, crop), bool)

@@ -33,7 +33,6 @@ Manual download: put the original archives, or the extracted folders, in the man
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import io
 import logging
@@ -153,7 +152,7 @@ class _AnomalyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     "file_name": item.path.relative_to(cat_dir).as_posix()}
 
         # Integer keys in reader order (shuffling is disabled): the split keeps this order.
-        yield from enumerate(_ordered_map(encode, items, data.default_num_threads()))
+        yield from enumerate(data.ordered_map(encode, items, n := data.default_num_threads(), 4 * n))
 
 
 def _citation(key: str, body: str) -> str:
@@ -395,15 +394,6 @@ def encode_mask(path: Path) -> bytes:
     return _png(m.astype(np.uint8) * np.uint8(255))
 
 
-def _ordered_map(fn: Any, items: Sequence[Any], num_threads: int) -> Iterator[Any]:
-    """``map(fn, items)`` on a thread pool, in order, a bounded window at a time (PIL releases the
-    GIL while decoding and encoding)."""
-    window = 4 * max(1, num_threads)
-    with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
-        for start in range(0, len(items), window):
-            yield from pool.map(fn, items[start:start + window])
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -603,9 +593,7 @@ def preprocess_split(split: Split, resize: int = 256, crop: int = 224,
                 preprocess_example_mask(ex.mask, resize, crop))
 
     threads = max(1, data.default_num_threads() if num_threads is None else num_threads)
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for start in range(0, n, 4 * threads):
-            chunk = [split._record(i) for i in range(start, min(n, start + 4 * threads))]
-            for j, (x, m) in enumerate(pool.map(one, chunk)):
-                images[start + j], masks[start + j] = x, m
+    records = (split._record(i) for i in range(n))
+    for i, (x, m) in enumerate(data.ordered_map(one, records, threads, 4 * threads)):
+        images[i], masks[i] = x, m
     return images, masks

@@ -16,7 +16,6 @@ import importlib.metadata
 import json
 import os
 import re
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -139,7 +138,7 @@ def download(
       dest: final path; its folder is created.
       sha256_prefix: expected leading hex digits of the sha256 (torchvision publishes 8); None
         skips the check.
-      show_progress: progress bar on stderr (tqdm when installed, else a plain one).
+      show_progress: progress bar on stderr.
 
     Returns:
       ``dest``.
@@ -155,7 +154,7 @@ def download(
         try:
             with urllib.request.urlopen(url, timeout=60) as resp:
                 total = int(resp.headers.get("Content-Length") or 0) or None
-                with _progress_bar(dest.name, total, show_progress) as bar:
+                with progress.Progress(dest.name, total, unit="B", enabled=show_progress) as bar:
                     while chunk := resp.read(_CHUNK):
                         f.write(chunk)
                         digest.update(chunk)
@@ -173,22 +172,6 @@ def download(
         _check_hash(digest.hexdigest(), sha256_prefix, f"{url} (nothing was kept)")
 
     return fileio.atomic_write(dest, stream)
-
-
-def _progress_bar(desc: str, total: int | None, enabled: bool):
-    try:
-        from tqdm import tqdm  # optional: nicer bar when installed
-    except ImportError:
-        return progress.Progress(desc, total, unit="B", enabled=enabled)
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        file=sys.stderr,
-        disable=not enabled,
-    )
 
 
 def _expected_prefix(source: str) -> str | None:
