@@ -302,11 +302,13 @@ def bench_e2e(results: dict | None = None) -> list[Table]:
                   f"threads={FLAGS.threads}",
                   ["K", "measure", "protoad_jax", "torch reference", "jax speed-up",
                    "jax compile s"])
-    recompiles, cache_note = 0, []
+    recompiles, cache_note, names = 0, [], []
     for k in ks:
+        before = len(COMPILE_LOG.names)
         n, note = _e2e_k(table, k, sizes, images, images_t, results)
         recompiles += n
         cache_note.append(note)
+        names += COMPILE_LOG.names[before:][-n:] if n else []
     table.notes += [
         (f"recompiles after warm-up: {recompiles} (compilations in JAX's compile log during all "
          f"timed calls); _score_fn jit cache entries {', '.join(cache_note)}"),
@@ -321,7 +323,8 @@ def bench_e2e(results: dict | None = None) -> list[Table]:
          "apart)."),
     ]
     if recompiles:
-        table.notes.append("WARNING: recompilation during the timed part; the timings include it.")
+        table.notes.append(f"WARNING: recompilation during the timed part ({', '.join(names)}); "
+                           "the timings include it.")
     return [table.print()]
 
 
@@ -445,7 +448,7 @@ def _head_torch(emb_t, protos) -> tuple[float, float]:
     import torch
     import torch.nn.functional as F
 
-    kernels = torch.from_numpy(protos)[:, :, None, None]
+    kernels = torch.tensor(protos)[:, :, None, None]  # a copy: protos may be read-only
 
     @torch.no_grad()
     def head(x):  # reference_head's first lines: F.normalize, 1x1 conv, max, 1 - x
