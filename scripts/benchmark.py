@@ -17,8 +17,9 @@ Subcommands (each prints markdown tables):
   data      host data path ``data.batched`` (PIL decode + LANCZOS resize + crop on a thread pool)
             in images/s on generated MVTec-like PNGs (700^2 and 1024^2 RGB).
   backbone  JAX Flax WideResNet (to layer3) vs torchvision, same weights, batch and threads.
-  all       e2e, head, data (+ ``score_images`` from PNG files, against e2e), cluster; then rewrites
-            BENCHMARKS.md atomically with the machine, command, date and tables.
+  all       e2e, head, a torch load-sensitivity probe, data (+ ``score_images`` from PNG files,
+            against e2e), cluster; then rewrites BENCHMARKS.md atomically with the machine,
+            command, date and tables.
 
 Commands (defaults keep ``all`` near 10 minutes on a 2-core CPU; flags scale it up):
   python scripts/benchmark.py all
@@ -185,21 +186,26 @@ def _torch():
     return torch
 
 
-def _timed(fn, repeats: int, budget_s: float | None = None) -> list[float]:
-    """Seconds of up to ``repeats`` calls of ``fn`` (the caller warmed it up); stops after >= 2
-    calls once ``budget_s`` has passed."""
-    times, start = [], time.perf_counter()
+def _timed(fns, repeats: int, budget_s: float | None = None) -> list[list[float]]:
+    """Seconds per call of each of ``fns`` (warmed up by the caller) over up to ``repeats``
+    rounds; a round calls every function once in turn, so that all of them see the same
+    background load. Stops after >= 2 rounds once ``budget_s`` has passed."""
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        if budget_s is not None and len(times) >= 2 and time.perf_counter() - start > budget_s:
+        for fn, ts in zip(fns, times, strict=True):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        if budget_s is not None and len(times[0]) >= 2 and time.perf_counter() - start > budget_s:
             break
     return times
 
 
-def _median(fn, repeats: int | None = None) -> float:
-    return statistics.median(_timed(fn, repeats or FLAGS.repeats, FLAGS.budget_s))
+def _medians(*fns, repeats: int | None = None) -> list[float]:
+    """Median seconds per call of each function, timed in alternating rounds (``_timed``)."""
+    times = _timed(fns, repeats or FLAGS.repeats, FLAGS.budget_s)
+    return [statistics.median(t) for t in times]
 
 
 @functools.cache
@@ -279,8 +285,8 @@ def bench_backbone() -> list[Table]:
         fn(variables, xj).block_until_ready()
         compile_s = time.perf_counter() - t
         torch_trunk(xt)
-        tj = _median(functools.partial(lambda x: fn(variables, x).block_until_ready(), xj))
-        tt = _median(functools.partial(torch_trunk, xt))
+        tj, tt = _medians(functools.partial(lambda x: fn(variables, x).block_until_ready(), xj),
+                          functools.partial(torch_trunk, xt))
         table.add(b, b / tj, b / tt, f"{tt / tj:.2f}x", compile_s)
     return [table.print()]
 
@@ -318,9 +324,9 @@ def bench_e2e(results: dict | None = None) -> list[Table]:
          "cv2.resize INTER_LINEAR, scipy gaussian_filter sigma 4) on NCHW tensors."),
         (f"latency over up to {FLAGS.latency_repeats} calls; images/s = batch / median of up to "
          f"{FLAGS.repeats} calls after warm-up (2 once a measurement passes "
-         f"{FLAGS.budget_s:.0f} s); jax speed-up = torch time / jax time; compile s = "
-         "trace + lower + XLA compile seconds from JAX's compile log (first call, reported "
-         "apart)."),
+         f"{FLAGS.budget_s:.0f} s), jax and torch calls alternating; jax speed-up = torch time "
+         "/ jax time; compile s = trace + lower + XLA compile seconds from JAX's compile log "
+         "(first call, reported apart)."),
     ]
     if recompiles:
         table.notes.append(f"WARNING: recompilation during the timed part ({', '.join(names)}); "
@@ -359,15 +365,14 @@ def _e2e_k(table: Table, k: int, sizes: list[int], images, images_t,
         run_torch(b)
     entries = jitted._cache_size()
     n0 = COMPILE_LOG.snapshot()[0]
-    lat_j = np.array(_timed(lambda: run_jax(1), FLAGS.latency_repeats, FLAGS.budget_s)) * 1e3
-    lat_t = np.array(_timed(lambda: run_torch(1), FLAGS.latency_repeats, FLAGS.budget_s)) * 1e3
+    lat_j, lat_t = np.array(_timed([lambda: run_jax(1), lambda: run_torch(1)],
+                                   FLAGS.latency_repeats, FLAGS.budget_s)) * 1e3
     for q in (50, 90):
         pj, pt = np.percentile(lat_j, q), np.percentile(lat_t, q)
         table.add(k, f"batch 1 latency p{q} ms", pj, pt, f"{pt / pj:.2f}x",
                   compile_s[1] if q == 50 else None)
     for b in sizes:
-        tj = _median(functools.partial(run_jax, b))
-        tt = _median(functools.partial(run_torch, b))
+        tj, tt = _medians(functools.partial(run_jax, b), functools.partial(run_torch, b))
         table.add(k, f"batch {b} img/s", b / tj, b / tt, f"{tt / tj:.2f}x", compile_s[b])
         if results is not None:
             results[("e2e_img_s", k, b)] = b / tj
@@ -378,6 +383,7 @@ def _e2e_k(table: Table, k: int, sizes: list[int], images, images_t,
 
 
 def bench_head() -> list[Table]:
+    import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
@@ -397,16 +403,19 @@ def bench_head() -> list[Table]:
         (int(k), FLAGS.chunk_size) for k in FLAGS.head_chunked_ks]
     for k, chunk in cases:
         protos = _prototypes(k, seed=k)
-        tj1, tjb, temp_mb = _head_jax(emb_j, jnp.asarray(protos), chunk)
-        if chunk is None:
-            torch_times[k] = _head_torch(emb_t, protos)
+        one, batched, temp_mb = _head_jax(emb_j, jnp.asarray(protos), chunk)
+        if chunk is None:  # jax and torch alternate
+            t_one, t_batch = _head_torch(emb_t, protos)
+            tj1, tt1 = _medians(one, t_one)
+            tjb, ttb = _medians(batched, t_batch)
+            torch_times[k] = tt1, ttb
+        else:  # torch has no chunked mode: compared with its full head at the same K
+            (tj1,), (tjb,) = _medians(one), _medians(batched)
         tt1, ttb = torch_times.get(k, (None, None))
         flops = 2 * 56 * 56 * C * k * b
         table.add(k, "full" if chunk is None else f"chunked {chunk}", tj1 * 1e3, b / tjb,
                   tt1 and tt1 * 1e3, ttb and b / ttb, tt1 and f"{tt1 / tj1:.2f}x",
                   ttb and f"{ttb / tjb:.2f}x", flops / tjb / 1e9, temp_mb)
-    import jax
-
     if jax.default_backend() == "cpu":
         table.notes.append(
             "XLA temp MB is 0 for the full head on CPU: XLA fuses the matmul and the max over K "
@@ -420,14 +429,16 @@ def bench_head() -> list[Table]:
          "the [56, 56, K] similarity block is never whole; speed-up for chunked rows is against "
          "torch's full head at the same K. XLA temp MB = "
          "compiled.memory_analysis().temp_size_in_bytes."),
-        (f"median of up to {FLAGS.repeats} calls after warm-up (2 once a measurement passes "
-         f"{FLAGS.budget_s:.0f} s); GFLOP/s counts 2 * 3136 * 1792 * K per image (the matmul)."),
+        (f"median of up to {FLAGS.repeats} calls after warm-up, jax and torch calls alternating "
+         f"(2 once a measurement passes {FLAGS.budget_s:.0f} s); GFLOP/s counts "
+         "2 * 3136 * 1792 * K per image (the matmul)."),
     ]
     return [table.print()]
 
 
-def _head_jax(emb, protos, chunk: int | None) -> tuple[float, float, float]:
-    """``(s per image at b=1, s per batch, XLA temp MB of the batch)`` of ``patch_scores``."""
+def _head_jax(emb, protos, chunk: int | None):
+    """Warmed-up calls ``(one image, the batch)`` of the jitted ``patch_scores`` and the XLA temp
+    MB of the batch."""
     import jax
 
     from protoad_jax import scoring
@@ -435,16 +446,15 @@ def _head_jax(emb, protos, chunk: int | None) -> tuple[float, float, float]:
     head = functools.partial(scoring.patch_scores, chunk_size=chunk)
     one = jax.jit(head).lower(emb[0], protos).compile()
     batched = jax.jit(jax.vmap(head, in_axes=(0, None))).lower(emb, protos).compile()
-    temp_mb = batched.memory_analysis().temp_size_in_bytes / 2**20
-    one(emb[0], protos).block_until_ready()
-    batched(emb, protos).block_until_ready()
-    t1 = _median(lambda: one(emb[0], protos).block_until_ready())
-    tb = _median(lambda: batched(emb, protos).block_until_ready())
-    return t1, tb, temp_mb
+    calls = (lambda: one(emb[0], protos).block_until_ready(),
+             lambda: batched(emb, protos).block_until_ready())
+    for call in calls:
+        call()
+    return *calls, batched.memory_analysis().temp_size_in_bytes / 2**20
 
 
-def _head_torch(emb_t, protos) -> tuple[float, float]:
-    """``(s per image at b=1, s per batch)`` of the reference head's patch-map part."""
+def _head_torch(emb_t, protos):
+    """Warmed-up calls ``(one image, the batch)`` of the reference head's patch-map part."""
     import torch
     import torch.nn.functional as F
 
@@ -454,10 +464,10 @@ def _head_torch(emb_t, protos) -> tuple[float, float]:
     def head(x):  # reference_head's first lines: F.normalize, 1x1 conv, max, 1 - x
         return 1 - torch.max(F.conv2d(F.normalize(x, dim=1), kernels), dim=1)[0]
 
-    head(emb_t[:1])
-    t1 = _median(lambda: head(emb_t[:1]))
-    head(emb_t)
-    return t1, _median(lambda: head(emb_t))
+    calls = (lambda: head(emb_t[:1]), lambda: head(emb_t))
+    for call in calls:
+        call()
+    return calls
 
 
 # ----------------------------------------------------------------------------- cluster
@@ -663,7 +673,7 @@ def bench_data(results: dict | None = None) -> list[Table]:
             for t in threads:
                 run = functools.partial(_drain, data.batched, paths[size], b, t)
                 run()  # warm-up: page cache, thread pool start
-                rates[size, t] = len(paths[size]) / _median(run)
+                rates[size, t] = len(paths[size]) / _medians(run)[0]
                 table.add(f"{size}x{size}", kb, t, rates[size, t])
         k = _default_k()
         if results is not None and ("e2e_img_s", k, b) in results:
@@ -711,7 +721,7 @@ def _score_files(paths: list[Path], batch: int) -> float:
     run = functools.partial(pipeline.score_images, model, paths, variables, batch_size=batch,
                             progress=False)
     jax.block_until_ready(run().scores)  # compiled already by e2e; warms the file cache
-    return len(paths) / _median(run, min(FLAGS.repeats, 2))
+    return len(paths) / _medians(run, repeats=min(FLAGS.repeats, 2))[0]
 
 
 # ----------------------------------------------------------------------------- all
@@ -735,10 +745,44 @@ def _machine() -> list[str]:
     ]
 
 
+def _torch_probe() -> list[Table]:
+    """Spread of torch's trunk at batch 1 with 1 thread and with --threads: on a shared machine
+    OpenMP's spinning barriers can make the multi-threaded run much slower and bimodal."""
+    import torch
+
+    tmodel, _ = _models()
+    x = torch.from_numpy(_images(1).transpose(0, 3, 1, 2).copy())
+
+    @torch.no_grad()
+    def trunk():
+        h = tmodel.maxpool(tmodel.relu(tmodel.bn1(tmodel.conv1(x))))
+        return tmodel.layer3(tmodel.layer2(tmodel.layer1(h)))
+
+    table = Table("torch sensitivity to co-running load: trunk to layer3, batch 1, s per call",
+                  ["torch threads", "min", "median", "max"])
+    spread = 1.0
+    for threads in sorted({1, FLAGS.threads}):
+        torch.set_num_threads(threads)
+        trunk()
+        (times,) = _timed([trunk], 6, FLAGS.budget_s)
+        table.add(threads, min(times), statistics.median(times), max(times))
+        spread = max(times) / min(times)
+    torch.set_num_threads(FLAGS.threads)
+    table.notes.append(
+        f"max/min at {FLAGS.threads} threads: {spread:.1f}. " + (
+            "A large spread (or more threads being slower than one) means torch's OpenMP "
+            "threads were held up, typically by other processes on the same cores; the e2e and "
+            "head ratios above then overstate JAX's lead. Rerun on an idle machine for clean "
+            "ratios." if spread > 2 else
+            "Small: the torch timings above are not visibly disturbed by other load."))
+    return [table.print()]
+
+
 def bench_all() -> list[Table]:
     results: dict = {}
     start, load0 = time.time(), os.getloadavg()
-    tables = bench_e2e(results) + bench_head() + bench_data(results) + bench_cluster()
+    tables = (bench_e2e(results) + bench_head() + _torch_probe() + bench_data(results)
+              + bench_cluster())
     load1 = os.getloadavg()
     command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -754,7 +798,7 @@ def bench_all() -> list[Table]:
          f"JAX/XLA on the same {FLAGS.threads} cores (process CPU affinity)."),
         (f"- Load average (1 min): {load0[0]:.1f} at the start, {load1[0]:.1f} at the end. The "
          "machine was shared with other engineers' test runs, so absolute timings carry noise; "
-         "JAX and torch were timed alternately in one process, so their ratios suffer less."),
+         "JAX and torch calls alternate within each measurement, so their ratios suffer less."),
         ("- Weights and prototypes are random (speed does not depend on their values); float32; "
          "JAX default matmul precision. Timings are medians over repeats after warm-up, results "
          "blocked until ready, compile time reported apart (clustering: see its notes)."),
