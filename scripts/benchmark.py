@@ -29,13 +29,19 @@ Commands (defaults keep ``all`` near 10 minutes on a 2-core CPU; flags scale it 
   python scripts/benchmark.py data --data_images=32
   python scripts/benchmark.py backbone --batch_sizes=1,8
 
-What ``e2e`` prints (an abridged run on the 2-core CPU machine; BENCHMARKS.md has full tables):
-  ### e2e: preprocessed batch -> (maps, scores), threads=2
+What ``e2e`` prints (one run on the shared 2-core CPU machine; BENCHMARKS.md has all tables):
+  ### e2e: preprocessed batch -> (maps, scores), 224x224, float32, threads=2
   | K | measure | protoad_jax | torch reference | jax speed-up | jax compile s |
   |---|---|---|---|---|---|
-  | 1000 | batch 1 latency p50 ms | 776 | 2310 | 2.98x | 6.1 |
+  | 1000 | batch 1 latency p50 ms | 231 | 221 | 0.95x | 1.22 |
+  | 1000 | batch 1 latency p90 ms | 344 | 394 | 1.15x | — |
+  | 1000 | batch 8 img/s | 4.18 | 3.51 | 1.19x | 1.15 |
+  | 1000 | batch 32 img/s | 4 | 2.95 | 1.36x | 1.39 |
+  | 100 | batch 1 latency p50 ms | 160 | 152 | 0.95x | 0.605 |
   ...
-  recompiles after warm-up: 0 (JAX compile log), _score_fn jit cache entries 3 -> 3
+  - recompiles after warm-up: 0 (compilations in JAX's compile log during all timed calls);
+    _score_fn jit cache entries K=1000: 3 -> 3, K=100: 6 -> 6
+  - protoad_jax: make_scorer(model, variables)(images) -> (maps, scores), ...
 
 Random weights and prototypes: speed does not depend on their values. Needs the reference
 extra: pip install -e ".[test]".
@@ -760,21 +766,24 @@ def _torch_probe() -> list[Table]:
 
     table = Table("torch sensitivity to co-running load: trunk to layer3, batch 1, s per call",
                   ["torch threads", "min", "median", "max"])
-    spread = 1.0
+    medians = {}
     for threads in sorted({1, FLAGS.threads}):
         torch.set_num_threads(threads)
         trunk()
         (times,) = _timed([trunk], 6, FLAGS.budget_s)
         table.add(threads, min(times), statistics.median(times), max(times))
-        spread = max(times) / min(times)
+        medians[threads] = statistics.median(times), max(times) / min(times)
     torch.set_num_threads(FLAGS.threads)
+    (one, _), (many, spread) = medians[1], medians[FLAGS.threads]
+    disturbed = spread > 2 or many > 1.5 * one
     table.notes.append(
-        f"max/min at {FLAGS.threads} threads: {spread:.1f}. " + (
-            "A large spread (or more threads being slower than one) means torch's OpenMP "
-            "threads were held up, typically by other processes on the same cores; the e2e and "
-            "head ratios above then overstate JAX's lead. Rerun on an idle machine for clean "
-            "ratios." if spread > 2 else
-            "Small: the torch timings above are not visibly disturbed by other load."))
+        f"at the time of this probe: {FLAGS.threads} threads took {many / one:.2f}x the time of "
+        f"1 thread, max/min {spread:.1f}. " + (
+            "More threads being slower, or a large spread, means torch's OpenMP threads waited "
+            "on each other at barriers while other processes held the cores; torch timings "
+            "taken in such a phase overstate JAX's lead (JAX's work-stealing pool suffers "
+            "less). Rerun on an idle machine for clean ratios." if disturbed else
+            "torch was not visibly disturbed by other load at that time."))
     return [table.print()]
 
 
