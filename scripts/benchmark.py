@@ -804,10 +804,11 @@ def bench_all() -> list[Table]:
         f"- Date: {date}; the run took {(time.time() - start) / 60:.1f} min.",
         *[f"- {line}" for line in _machine()],
         (f"- Threads: torch.set_num_threads({FLAGS.threads}), cv2.setNumThreads({FLAGS.threads}); "
-         f"JAX/XLA on the same {FLAGS.threads} cores (process CPU affinity)."),
-        (f"- Load average (1 min): {load0[0]:.1f} at the start, {load1[0]:.1f} at the end. The "
-         "machine was shared with other engineers' test runs, so absolute timings carry noise; "
-         "JAX and torch calls alternate within each measurement, so their ratios suffer less."),
+         f"JAX/XLA on the same {FLAGS.threads} cores (process CPU affinity). "
+         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (protoad_jax.xla_cpu.tune(), as every script)."),
+        (f"- Load average (1 min): {load0[0]:.1f} at the start, {load1[0]:.1f} at the end. "
+         "JAX and torch calls alternate within each measurement, so background load affects "
+         "their ratios less than their absolute timings."),
         ("- Weights and prototypes are random (speed does not depend on their values); float32; "
          "JAX default matmul precision. Timings are medians over repeats after warm-up, results "
          "blocked until ready, compile time reported apart (clustering: see its notes)."),
@@ -827,6 +828,9 @@ COMMANDS = {"e2e": bench_e2e, "head": bench_head, "cluster": bench_cluster, "dat
 
 
 def main(argv):
+    from protoad_jax import xla_cpu
+
+    xla_cpu.tune()  # as the other scripts run; before any JAX computation
     if len(argv) == 2 and argv[1] == "_cluster_case":
         _setup()
         cluster_case()

@@ -39,8 +39,9 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def main(argv):
     del argv
+    from protoad_jax import data, evaluation, fileio, load_model, pipeline, report, xla_cpu
 
-    from protoad_jax import data, evaluation, fileio, load_model, pipeline, report
+    xla_cpu.tune()  # before any JAX computation
 
     model_path = Path(FLAGS.model)
     model = load_model(model_path)
