@@ -16,6 +16,9 @@ Subcommands (each prints markdown tables):
             projected from the measured scaling unless --full / --cluster_sizes runs it.
   data      host data path ``data.batched`` (PIL decode + LANCZOS resize + crop on a thread pool)
             in images/s on generated MVTec-like PNGs (700^2 and 1024^2 RGB).
+  scale     fit() on 391 generated images (1.23M patches, MVTec's largest category) in a fresh
+            process: time per phase and peak RSS, with the CPU default patch budget, and the
+            memory of extracting and holding all 1.23M patches.
   backbone  JAX Flax WideResNet (to layer3) vs torchvision, same weights, batch and threads.
   all       e2e, head, a torch load-sensitivity probe, data (+ ``score_images`` from PNG files,
             against e2e), cluster; then rewrites BENCHMARKS.md atomically with the machine,
@@ -27,6 +30,7 @@ Commands (defaults keep ``all`` near 10 minutes on a 2-core CPU; flags scale it 
   python scripts/benchmark.py head --head_ks=100,1000,10000 --head_chunked_ks=10000,100000
   python scripts/benchmark.py cluster --cluster_sizes=10000,100000 [--full]   # --full adds 1.23M
   python scripts/benchmark.py data --data_images=32
+  python scripts/benchmark.py scale --scale_images=391
   python scripts/benchmark.py backbone --batch_sizes=1,8
 
 What ``e2e`` prints (one run on the shared 2-core CPU machine; BENCHMARKS.md has all tables):
@@ -98,6 +102,7 @@ flags.DEFINE_list("data_sizes", ["700", "1024"], "data: side of the generated sq
 flags.DEFINE_integer("data_images", 32, "data: PNGs written per size.")
 flags.DEFINE_integer("data_batch", 8, "data: batch size of data.batched.")
 flags.DEFINE_string("output", None, "all: markdown file to rewrite (default <repo>/BENCHMARKS.md).")
+flags.DEFINE_integer("scale_images", 391, "scale: generated training images (391 = MVTec hazelnut).")
 flags.DEFINE_string("case", None, "Internal: JSON of one case of the hidden _cluster_case.")
 
 C = 1792  # embedding channels
@@ -513,6 +518,8 @@ def cluster_case() -> None:
     case = json.loads(FLAGS.case)
     jnp.zeros(1).block_until_ready()  # initialise the runtime before the baseline
     runtime_mb = _rss_mb()
+    if case["method"] == "fit":
+        return _fit_case(case, runtime_mb)
     x = _clustered(case["n"], case["k"], np.dtype(case["dtype"]))
     data_mb = x.nbytes / 2**20
 
@@ -541,6 +548,60 @@ def cluster_case() -> None:
     print("RESULT " + json.dumps(dict(
         case, first_s=first, compile_s=compile_s, warm_s=statistics.median(warm) if warm else None,
         runtime_mb=runtime_mb, data_mb=data_mb, peak_mb=peak_mb, **info)), flush=True)
+
+
+def _fit_case(case: dict, runtime_mb: float) -> None:
+    """fit() (or only its patch extraction) on the generated training images of ``case["root"]``."""
+    from protoad_jax import Config, data, evaluation, pipeline
+
+    paths = data.find_images(Path(case["root"]) / "demo_object" / "train" / "good")
+    net = evaluation.random_backbone("wide_resnet50_2", "benchmark")
+    config = Config(max_patches=case["max_patches"])
+    t = time.perf_counter()
+    if case["extract_only"]:
+        patches = pipeline.extract_patches(paths, net.variables, config, progress=False)
+        info = {"num_patches": len(patches), "patch_dtype": patches.dtype.name,
+                "seconds_features": time.perf_counter() - t, "seconds_clustering": None}
+    else:
+        info = pipeline.fit(paths, config=config, variables=net.variables, progress=False).info
+    print("RESULT " + json.dumps(dict(case, total_s=time.perf_counter() - t, runtime_mb=runtime_mb,
+                                      peak_mb=_rss_mb("VmHWM"), **info)), flush=True)
+
+
+def bench_scale() -> list[Table]:
+    """fit() at MVTec's largest size: 391 training images = 1.23M patches, in a fresh process."""
+    import tempfile
+
+    from protoad_jax import config as config_lib
+    from protoad_jax import demo
+
+    table = Table(f"scale: fit on {FLAGS.scale_images} generated 256x256 images "
+                  f"({FLAGS.scale_images * 3136:,} patches x 1792), threads={FLAGS.threads}",
+                  ["case", "patches kept", "storage", "features s", "clustering s", "total s",
+                   "peak RSS MB"])
+    with tempfile.TemporaryDirectory() as tmp:
+        root = demo.make_demo_dataset(Path(tmp), seed=0, n_train=FLAGS.scale_images, n_test_good=0,
+                                      n_test_bad=0, categories=("demo_object",))
+        cases = [("fit, default (CPU 'auto' budget), FINCH K=1000", "auto", False),
+                 ("patch extraction only, all patches kept", None, True)]
+        for name, budget, extract_only in cases:
+            r = _run_case({"method": "fit", "root": str(root), "max_patches": budget,
+                           "extract_only": extract_only})
+            if "error" in r:
+                table.add(name, r["error"], "", "", "", "", "")
+                continue
+            table.add(name, r["num_patches"], r["patch_dtype"], r["seconds_features"],
+                      r["seconds_clustering"] if r["seconds_clustering"] is not None else "—",
+                      r["total_s"], r["peak_mb"])
+    table.notes += [
+        (f"random-init backbone (speed and memory do not depend on weights); CPU 'auto' budget = "
+         f"config.CPU_MAX_PATCHES = {config_lib.CPU_MAX_PATCHES:,} seeded patches; patches are "
+         "stored float16 above 4 GiB of float32 (pipeline.FLOAT16_PATCHES_ABOVE_BYTES)."),
+        ("exact FINCH over all 1.23M patches is not run on this CPU: see the cluster table's "
+         "projection; the second row shows the memory of holding all of them."),
+        "peak RSS = the subprocess's VmHWM (JAX runtime + backbone + patches + clustering).",
+    ]
+    return [table.print()]
 
 
 def _run_case(case: dict) -> dict:
@@ -791,7 +852,7 @@ def bench_all() -> list[Table]:
     results: dict = {}
     start, load0 = time.time(), os.getloadavg()
     tables = (bench_e2e(results) + bench_head() + _torch_probe() + bench_data(results)
-              + bench_cluster())
+              + bench_cluster() + bench_scale())
     load1 = os.getloadavg()
     command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -824,7 +885,7 @@ def bench_all() -> list[Table]:
 
 
 COMMANDS = {"e2e": bench_e2e, "head": bench_head, "cluster": bench_cluster, "data": bench_data,
-            "backbone": bench_backbone, "all": bench_all}
+            "scale": bench_scale, "backbone": bench_backbone, "all": bench_all}
 
 
 def main(argv):
