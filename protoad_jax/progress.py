@@ -13,7 +13,7 @@ class Progress:
 
     def __init__(self, desc: str, total: int | None, unit: str = "it", enabled: bool = True):
         self.desc, self.total, self.unit, self.enabled = desc, total, unit, enabled
-        self.n, self.start, self._last = 0, time.perf_counter(), 0.0
+        self.n, self.start, self._last, self._done = 0, time.perf_counter(), 0.0, False
         self._tty = sys.stderr.isatty()
 
     def __enter__(self) -> Self:
@@ -21,6 +21,7 @@ class Progress:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._done = True
         self._draw(force=True)
         if self.enabled:
             sys.stderr.write("\n")
@@ -42,6 +43,8 @@ class Progress:
             bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
             eta = (self.total - self.n) / rate if rate > 0 else 0.0
             text = f"{self.desc}: [{bar}] {self.n}/{self.total} {self.unit} {rate:.1f}/s eta {eta:.0f}s"
+        elif self.n == 0:  # a phase without counts: say it runs, then how long it took
+            text = f"{self.desc}: {'done in' if self._done else 'running'} {elapsed:.1f} s"
         else:
             text = f"{self.desc}: {self.n} {self.unit} {rate:.1f}/s"
         sys.stderr.write(("\r" if self._tty else "") + text + ("" if self._tty else "\n"))
