@@ -91,9 +91,9 @@ def write_html(path: str | os.PathLike, title: str, notes: Sequence[str], column
     """
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
            ("<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
-           "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
+           "td,th{border:1px solid #bbb;padding:3px 6px;text-align:right;font-size:13px}th{background:#eee}"
            "td:first-child{text-align:left}.warn{color:#b00;font-weight:bold}img{margin:4px;"
-           "border:1px solid #ccc}</style></head><body>"), f"<h1>{html.escape(title)}</h1>"]
+           "border:1px solid #ccc;width:48%;max-width:700px}</style></head><body>"), f"<h1>{html.escape(title)}</h1>"]
     for note in notes:
         cls = " class='warn'" if note.startswith("WARNING") else ""
         out.append(f"<p{cls}>{html.escape(note)}</p>")
