@@ -33,7 +33,7 @@ class Config:
       spherical: k-means with cosine assignment on L2-normalised patches.
       max_patches: subsample the training patches to at most this many (seeded); None = all;
         ``"auto"`` (default) = all on GPU/TPU, ``CPU_MAX_PATCHES`` on CPU, where exact FINCH
-        costs O(n^2 d) (50k patches: ~2 min on 2 cores; 1.23M would take ~17 h).
+        costs O(n^2 d) (50k patches: 69 s on 2 cores; 1.23M projected at ~11 h).
       seed: PRNG seed for subsampling and k-means++.
       dtype: backbone compute dtype, ``"float32"`` or ``"bfloat16"``.
     """
