@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-
 from oracles import random_torchvision_model, state_dict_numpy, torch_stage_features
+
 from protoad_jax import backbone
 from protoad_jax.torch_weights import to_flax
 
