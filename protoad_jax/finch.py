@@ -45,13 +45,13 @@ from jax import lax
 from jax.sharding import Mesh
 
 from protoad_jax.kmeans import (
-    NORM_EPS,
     _as_float,
     _check_finite,
     _map_rows,
     _replicate,
     _scan_rows,
 )
+from protoad_jax.scoring import NORM_EPS, l2_normalize
 
 _EXACT = lax.Precision.HIGHEST  # first-neighbour argmax decisions: full float32 on every backend
 # Closest-pair merging keeps an m x m float32 similarity matrix: 32768^2 * 4 B = 4 GiB.
@@ -193,7 +193,7 @@ def _components(kappa: np.ndarray) -> tuple[np.ndarray, int]:
 @jax.jit
 def _cosine_matrix(means: jax.Array) -> jax.Array:
     """``[m, m]`` cosine similarities of the rows, exactly symmetric, ``-inf`` on the diagonal."""
-    u = means / jnp.maximum(jnp.linalg.norm(means, axis=1, keepdims=True), NORM_EPS)
+    u = l2_normalize(means)
     s = jnp.einsum("id,jd->ij", u, u, precision=_EXACT)
     s = (s + s.T) * 0.5
     return jnp.where(jnp.eye(s.shape[0], dtype=bool), -jnp.inf, s)

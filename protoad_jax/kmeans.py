@@ -30,7 +30,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-NORM_EPS = 1e-12
+from protoad_jax.scoring import l2_normalize
+
 # Assignments are argmin decisions: run the distance matmul at full float32 precision on every
 # backend (the default on GPU/TPU may use TF32 / bf16 passes and flip near-ties).
 _EXACT = lax.Precision.HIGHEST
@@ -152,13 +153,8 @@ def _replicate(x: Any, mesh: Mesh | None) -> Any:
     return jax.device_put(x, NamedSharding(mesh, P()))
 
 
-def _normalize(x: jax.Array) -> jax.Array:
-    """``x / max(|x|, 1e-12)`` over the last axis."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), NORM_EPS)
-
-
 def _prepare(xc: jax.Array, spherical: bool) -> jax.Array:
-    return _normalize(xc) if spherical else xc
+    return l2_normalize(xc) if spherical else xc
 
 
 # ----------------------------------------------------------------------------- distances
@@ -265,7 +261,7 @@ def _update(x, sums, counts, dist, k, spherical):
     """
     cents = sums / jnp.maximum(counts, 1.0)[:, None]
     if spherical:
-        cents = _normalize(cents)
+        cents = l2_normalize(cents)
     empty = counts == 0
 
     def reseed(cents):

@@ -449,14 +449,19 @@ def calibrate_threshold(normal_scores: np.ndarray, quantile: float = 0.99) -> tu
     return float(np.quantile(scores, quantile)), f"{quantile:g} quantile of {len(scores)} normal image scores"
 
 
-
-def _model_variables(model: Model, variables: dict | None) -> dict:
-    if variables is not None:
-        return variables
-    if model.weights is None:
-        raise ValueError("the model records no backbone weights path; pass variables= "
-                         "(pipeline.load_backbone(PATH.npz))")
-    return load_backbone(model.weights, model.config.arch)
+def _scoring_parts(model: Model, variables: dict | None, chunk_size: int | None,
+                   caller: str) -> tuple[Callable, dict, jax.Array]:
+    """The cached jitted scoring region, and the backbone variables and prototypes replicated on
+    the local devices (variables loaded from ``model.weights`` when not given)."""
+    _check_prototypes(model.prototypes, caller)
+    if variables is None:
+        if model.weights is None:
+            raise ValueError("the model records no backbone weights path; pass variables= "
+                             "(pipeline.load_backbone(PATH.npz))")
+        variables = load_backbone(model.weights, model.config.arch)
+    fn = _score_fn(*_score_config(model.config, _check_chunk_size(chunk_size)))
+    variables, prototypes = _replicated((variables, jnp.asarray(model.prototypes, jnp.float32)))
+    return fn, variables, prototypes
 
 
 def _check_chunk_size(chunk_size: int | None) -> int | None:
@@ -495,10 +500,7 @@ def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int 
         The returned scorer raises ValueError for images that are not
         ``[b, s, s, 3]`` float32 or hold NaN/inf.
     """
-    _check_prototypes(model.prototypes, "make_scorer")
-    variables = _model_variables(model, variables)
-    fn = _score_fn(*_score_config(model.config, _check_chunk_size(chunk_size)))
-    variables, prototypes = _replicated((variables, jnp.asarray(model.prototypes, jnp.float32)))
+    fn, variables, prototypes = _scoring_parts(model, variables, chunk_size, "make_scorer")
     size = model.config.image_size
     devices = local_mesh().size
 
@@ -537,10 +539,7 @@ def score_images(model: Model, images: Sequence[Any], variables: dict | None = N
     Batches of ``batch_size`` (rounded up to a multiple of the local device count) are split
     across the local devices; variables and prototypes are replicated once per call.
     """
-    _check_prototypes(model.prototypes, "score_images")
-    variables = _model_variables(model, variables)
-    fn = _score_fn(*_score_config(model.config, _check_chunk_size(chunk_size)))
-    variables, prototypes = _replicated((variables, jnp.asarray(model.prototypes, jnp.float32)))
+    fn, variables, prototypes = _scoring_parts(model, variables, chunk_size, "score_images")
     images = list(images)
     maps, scores, patch_maps, inputs = [], [], [], []
     with Progress("scoring", len(images), "img", progress) as bar:

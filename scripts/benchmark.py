@@ -279,7 +279,8 @@ def bench_backbone() -> list[Table]:
     from protoad_jax import backbone
 
     tmodel, variables = _models()
-    net = backbone.ResNet(arch=FLAGS.arch)
+    variables = backbone.fold_batchnorm(variables)  # as pipeline.load_backbone runs it
+    net = backbone.ResNet(arch=FLAGS.arch, folded=True)
     fn = jax.jit(lambda v, x: net.apply(v, x)["layer3"])
 
     def torch_trunk(x):
