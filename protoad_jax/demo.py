@@ -368,3 +368,28 @@ def make_btad_like(root: str | os.PathLike, seed: int = 0, n_train: int = 4, n_t
         _save(sample.mask.astype(np.uint8) * 255, cat / "ground_truth" / "ko" / f"{i:04d}.png",
               "PNG")
     return root
+
+
+def photo_crops(count: int, seed: int = 0, size: int = 224) -> list[np.ndarray]:
+    """``count`` preprocessed ``[size, size, 3]`` crops of real photographs (scikit-learn's sample
+    images, a test dependency): random positions and scales, some mirrored, seeded.
+
+    Real-photo material for the clustering tests and benchmarks (no dataset can be downloaded).
+    """
+    from sklearn.datasets import load_sample_images  # test/benchmark dependency only
+
+    from protoad_jax.data import preprocess_image
+
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    rng = np.random.default_rng([seed, 7])
+    out = []
+    for _ in range(count):
+        img = photos[int(rng.integers(len(photos)))]
+        w, h = img.size
+        side = int(rng.integers(min(w, h) // 3, min(w, h) + 1))
+        x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        crop = img.crop((x0, y0, x0 + side, y0 + side))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out.append(preprocess_image(crop, size + size // 7, size))
+    return out

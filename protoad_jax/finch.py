@@ -44,13 +44,7 @@ import scipy.sparse.csgraph
 from jax import lax
 from jax.sharding import Mesh
 
-from protoad_jax.kmeans import (
-    _as_float,
-    _check_finite,
-    _map_rows,
-    _replicate,
-    _scan_rows,
-)
+from protoad_jax.chunking import as_float as _as_float, check_finite as _check_finite, map_rows as _map_rows, replicate as _replicate, scan_rows as _scan_rows
 from protoad_jax.scoring import NORM_EPS, l2_normalize
 
 _EXACT = lax.Precision.HIGHEST  # first-neighbour argmax decisions: full float32 on every backend

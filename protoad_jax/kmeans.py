@@ -4,7 +4,7 @@ SPEC.md section 2. ``kmeans`` is the public entry point: it validates its inputs
 calls ``_kmeans``, the one jitted function of this module (static ``k``, ``max_iters``, ``tol``,
 ``spherical``, ``chunk``). Everything inside is ``lax`` control flow over fixed shapes:
 
-* Samples are visited in row chunks of ``chunk`` rows (``_scan_rows``), so the ``[n, k]`` distance
+* Samples are visited in row chunks of ``chunk`` rows (``scan_rows``), so the ``[n, k]`` distance
   matrix never exists whole (only ``[chunk, k]``) and float16 storage is cast to float32 one
   chunk at a time. ``n`` need not be a multiple of ``chunk``: the last chunk is clamped to end
   at row ``n`` and a validity mask drops the rows an earlier chunk already covered, so the data
@@ -12,7 +12,7 @@ calls ``_kmeans``, the one jitted function of this module (static ``k``, ``max_i
 * Distances are ``|x|^2 - 2 x.c + |c|^2`` (a matmul), never an ``[n, k, d]`` broadcast;
   centroid sums are ``segment_sum``.
 * Multi-device (``mesh`` with more than one device): the nearest-centroid search, the
-  ``O(n k d)`` part, splits its chunks across the devices (``_map_rows``, a ``shard_map`` over
+  ``O(n k d)`` part, splits its chunks across the devices (``map_rows``, a ``shard_map`` over
   the chunk index; ``x`` and the centroids replicated). The centroid sums then run over the
   chunks in the same order as on one device, so results are bitwise those of the one-device run.
 """
@@ -20,16 +20,15 @@ calls ``_kmeans``, the one jitted function of this module (static ``k``, ``max_i
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
+from protoad_jax.chunking import as_float, check_finite, is_sharded, map_rows, replicate, scan_rows
 from protoad_jax.scoring import l2_normalize
 
 # Assignments are argmin decisions: run the distance matmul at full float32 precision on every
@@ -52,105 +51,6 @@ class KMeansResult(NamedTuple):
     assignment: jax.Array
     inertia: jax.Array
     iterations: jax.Array
-
-
-# ----------------------------------------------------------------------------- chunking
-
-
-def _unchunk(out: jax.Array, n: int, chunk: int) -> jax.Array:
-    """``[num_chunks, chunk, ...]`` chunk outputs -> ``[n, ...]`` (drops the clamped overlap)."""
-    head = out[:-1].reshape((out.shape[0] - 1) * chunk, *out.shape[2:])
-    skip = (out.shape[0] - 1) * chunk - (n - chunk)  # rows of the last chunk already in `head`
-    return jnp.concatenate([head, out[-1, skip:]], axis=0)
-
-
-def _scan_rows(fn: Callable, init: Any, x: jax.Array, chunk: int,
-               rows: Any = ()) -> tuple[Any, Any]:
-    """Scans ``fn`` over row chunks of ``x`` (and of the per-row arrays ``rows``).
-
-    Chunk ``i`` covers rows ``[s, s + chunk)`` with ``s = min(i * chunk, n - chunk)``; rows below
-    ``i * chunk`` were seen by chunk ``i - 1`` and are marked invalid.
-
-    Args:
-      fn: ``fn(carry, xc [chunk, d] float32, rows_c, valid [chunk] bool, start) -> (carry, out)``,
-        ``out`` a pytree of ``[chunk, ...]`` arrays.
-      init: initial carry.
-      x: ``[n, d]``, any float dtype (cast to float32 per chunk); ``chunk <= n``.
-      chunk: static chunk size.
-      rows: pytree of ``[n, ...]`` arrays sliced alongside ``x``.
-
-    Returns:
-      ``(carry, outs)`` with ``outs`` a pytree of ``[n, ...]`` arrays.
-    """
-    n = x.shape[0]
-    num = -(-n // chunk)
-
-    def body(carry, i):
-        start = jnp.minimum(i * chunk, n - chunk)
-        xc = lax.dynamic_slice_in_dim(x, start, chunk).astype(jnp.float32)
-        rc = jax.tree.map(lambda r: lax.dynamic_slice_in_dim(r, start, chunk), rows)
-        valid = start + jnp.arange(chunk) >= i * chunk
-        return fn(carry, xc, rc, valid, start)
-
-    carry, outs = lax.scan(body, init, jnp.arange(num))
-    return carry, jax.tree.map(lambda o: _unchunk(o, n, chunk), outs)
-
-
-def _sharded(mesh: Mesh | None) -> bool:
-    return mesh is not None and mesh.size > 1
-
-
-def _map_rows(fn: Callable, x: jax.Array, chunk: int, rows: Any = (),
-              mesh: Mesh | None = None) -> Any:
-    """Maps ``fn`` over the row chunks of ``x`` (chunks as in ``_scan_rows``, no carry).
-
-    With a ``mesh`` of more than one device the chunk index is split across all its devices
-    (``shard_map``; ``x``, ``rows`` and whatever ``fn`` closes over are replicated). The
-    chunk count is padded up to a multiple of the device count by repeating the last chunk,
-    whose extra copies are dropped. Each chunk runs the same computation on the same shapes
-    as on one device, so the result does not depend on the device count.
-
-    Args:
-      fn: ``fn(xc [chunk, d] float32, rows_c, start) -> out``, a pytree of ``[chunk, ...]``.
-      x: ``[n, d]``, any float dtype; ``chunk <= n``.
-      chunk: static chunk size.
-      rows: pytree of ``[n, ...]`` arrays sliced alongside ``x``.
-      mesh: devices to split the chunks over; None = this computation's own device.
-
-    Returns:
-      pytree of ``[n, ...]`` arrays.
-    """
-    if not _sharded(mesh):
-        return _scan_rows(lambda c, xc, rc, valid, start: (c, fn(xc, rc, start)), (), x, chunk,
-                          rows)[1]
-    n = x.shape[0]
-    num = -(-n // chunk)
-    per_device = -(-num // mesh.size)
-    ids = jnp.minimum(jnp.arange(per_device * mesh.size), num - 1)
-
-    def one(i):
-        start = jnp.minimum(i * chunk, n - chunk)
-        xc = lax.dynamic_slice_in_dim(x, start, chunk).astype(jnp.float32)
-        rc = jax.tree.map(lambda r: lax.dynamic_slice_in_dim(r, start, chunk), rows)
-        return fn(xc, rc, start)
-
-    axes = mesh.axis_names  # the chunk axis split over every mesh axis
-
-    def local(ids):  # this device's chunks, then every device's results (replicated)
-        return lax.all_gather(lax.map(one, ids), axes, tiled=True)
-
-    # check_vma=False: scans in ``fn`` may start from replicated constants (e.g. a running
-    # best) that become per-device values; the all_gather makes the output replicated.
-    outs = jax.shard_map(local, mesh=mesh, in_specs=P(axes), out_specs=P(),
-                         check_vma=False)(ids)
-    return jax.tree.map(lambda o: _unchunk(o[:num], n, chunk), outs)
-
-
-def _replicate(x: Any, mesh: Mesh | None) -> Any:
-    """``x`` (a pytree) placed on every device of ``mesh``; unchanged without a multi-device mesh."""
-    if not _sharded(mesh):
-        return x
-    return jax.device_put(x, NamedSharding(mesh, P()))
 
 
 def _prepare(xc: jax.Array, spherical: bool) -> jax.Array:
@@ -200,15 +100,15 @@ def _assign(x, centroids, chunk, spherical, prev=None, mesh=None):
     init = (jnp.zeros((k, d), jnp.float32), jnp.zeros((k,), jnp.float32),
             jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
     prev_rows = prev if prev is not None else jnp.zeros((x.shape[0],), jnp.int32)
-    if _sharded(mesh):
-        a, dist = _map_rows(
+    if is_sharded(mesh):
+        a, dist = map_rows(
             lambda xc, _, start: _assign_chunk(_prepare(xc, spherical), centroids, spherical),
             x, chunk, mesh=mesh)
 
         def fn(carry, xc, rc, valid, start):
             return accumulate(carry, _prepare(xc, spherical), *rc, valid), ()
 
-        (sums, counts, inertia, changed), _ = _scan_rows(fn, init, x, chunk, (a, dist, prev_rows))
+        (sums, counts, inertia, changed), _ = scan_rows(fn, init, x, chunk, (a, dist, prev_rows))
         return a, dist, sums, counts, inertia, changed
 
     def fused(carry, xc, prev_c, valid, start):
@@ -216,7 +116,7 @@ def _assign(x, centroids, chunk, spherical, prev=None, mesh=None):
         a, dist = _assign_chunk(xc, centroids, spherical)
         return accumulate(carry, xc, a, dist, prev_c, valid), (a, dist)
 
-    (sums, counts, inertia, changed), (a, dist) = _scan_rows(fused, init, x, chunk, prev_rows)
+    (sums, counts, inertia, changed), (a, dist) = scan_rows(fused, init, x, chunk, prev_rows)
     return a, dist, sums, counts, inertia, changed
 
 
@@ -235,7 +135,7 @@ def _kmeans_pp(x, k, key, chunk, spherical, mesh=None):
     def dist_to(c):  # [n] distance of every sample to one centroid c [1, d]
         def fn(xc, _, start):
             return _assign_chunk(_prepare(xc, spherical), c, spherical)[1]
-        return _map_rows(fn, x, chunk, mesh=mesh)
+        return map_rows(fn, x, chunk, mesh=mesh)
 
     first = jax.random.randint(jax.random.fold_in(key, 0), (), 0, n)
     c0 = _rows(x, first[None], spherical)
@@ -306,18 +206,6 @@ def _kmeans(x: jax.Array, key: jax.Array, init: jax.Array | None, *, k: int, max
 # ----------------------------------------------------------------------------- public
 
 
-def _check_finite(name: str, a: jax.Array) -> None:
-    if not isinstance(a, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(a))):
-        raise ValueError(f"{name} must be finite; found NaN or inf")
-
-
-def _as_float(name: str, a: jax.typing.ArrayLike) -> jax.Array:
-    a = jnp.asarray(a)
-    if not jnp.issubdtype(a.dtype, jnp.floating):
-        a = a.astype(jnp.float32)
-    return a
-
-
 def kmeans(x: jax.typing.ArrayLike, k: int, key: jax.Array, *, max_iters: int = 100,
            tol: float = 1e-4, spherical: bool = False, chunk_size: int = 4096,
            init: jax.typing.ArrayLike | None = None, mesh: Mesh | None = None) -> KMeansResult:
@@ -352,7 +240,7 @@ def kmeans(x: jax.typing.ArrayLike, k: int, key: jax.Array, *, max_iters: int = 
       ValueError: ``x`` not 2-D, empty, or not finite; ``k`` out of ``[1, n]``; ``init`` not
         ``[k, d]`` or not finite; ``max_iters < 1``; ``tol < 0``; ``chunk_size < 1``.
     """
-    x = _as_float("x", x)
+    x = as_float("x", x)
     if x.ndim != 2:
         raise ValueError(f"kmeans: x must be [n, d], got shape {x.shape}")
     n, d = x.shape
@@ -367,15 +255,15 @@ def kmeans(x: jax.typing.ArrayLike, k: int, key: jax.Array, *, max_iters: int = 
         raise ValueError(f"kmeans: tol must be >= 0, got {tol}")
     if int(chunk_size) < 1:
         raise ValueError(f"kmeans: chunk_size must be >= 1, got {chunk_size}")
-    _check_finite("kmeans: x", x)
+    check_finite("kmeans: x", x)
     if init is not None:
-        init = _as_float("init", init)
+        init = as_float("init", init)
         if init.shape != (k, d):
             raise ValueError(f"kmeans: init must be [k, d] = [{k}, {d}], got shape {init.shape}")
-        _check_finite("kmeans: init", init)
+        check_finite("kmeans: init", init)
     if mesh is not None and not isinstance(mesh, Mesh):
         raise ValueError(
             f"kmeans: mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
-    x, key, init = _replicate((x, key, init), mesh)
+    x, key, init = replicate((x, key, init), mesh)
     return _kmeans(x, key, init, k=int(k), max_iters=int(max_iters), tol=float(tol),
                    spherical=bool(spherical), chunk=min(int(chunk_size), n), mesh=mesh)
