@@ -30,6 +30,8 @@ class Config:
       num_prototypes: K. For FINCH, the required number of clusters; ``None`` takes the FINCH
         partition given by ``finch_level``.
       finch_level: FINCH level used when ``num_prototypes`` is None (0 = finest).
+      finch_early_exit: the FINCH authors' ``ensure_early_exit`` (their default): links longer
+        than the longest level-0 link are cut above level 0.
       spherical: k-means with cosine assignment on L2-normalised patches.
       max_patches: subsample the training patches to at most this many (seeded); None = all;
         ``"auto"`` (default) = all on GPU/TPU, ``CPU_MAX_PATCHES`` on CPU, where exact FINCH
@@ -48,6 +50,7 @@ class Config:
     clustering: str = "finch"
     num_prototypes: int | None = 1000
     finch_level: int = 0
+    finch_early_exit: bool = True
     spherical: bool = True
     max_patches: int | str | None = "auto"
     seed: int = 0

@@ -117,6 +117,7 @@ def settings(config: Config, weights_desc: str) -> dict[str, Any]:
         "clustering": config.clustering,
         "num_prototypes": config.num_prototypes,
         "finch_level": config.finch_level if config.num_prototypes is None else None,
+        "finch_early_exit": config.finch_early_exit if config.clustering == "finch" else None,
         "max_patches": config.max_patches,
         "max_patches_resolved": config.patch_budget(jax.default_backend()),
         "seed": config.seed,

@@ -1,55 +1,50 @@
-"""FINCH (Sarfraz et al., CVPR 2019) with exact, chunked first neighbours.
+"""FINCH (Sarfraz et al., CVPR 2019) as its authors ship it, with every decision exact.
 
-SPEC.md section 2. One FINCH level: each sample's first neighbour ``kappa(i)`` under cosine
-distance (exact, itself excluded, lowest index on ties); link ``i - j`` when ``j = kappa(i)``,
-``kappa(j) = i`` or ``kappa(i) = kappa(j)``. The components of that graph are those of the graph
-with the edges ``i - kappa(i)`` (two samples sharing a first neighbour are joined through it),
-so a level is the weakly connected components of the first-neighbour graph. Each cluster is
-replaced by the mean of its original member vectors and the next level clusters the means.
+docs/METHOD.md section 2. The reference is the authors' ``finch/finch.py`` (ssarfraz/
+FINCH-Clustering; the algorithm of the ``finch-clust`` package) with its defaults,
+``distance='cosine'`` and ``ensure_early_exit=True``:
 
-Jitted pieces (static chunk sizes / cluster counts): ``_first_neighbours`` (behind the validating
-public ``first_neighbours``), the cluster-mean reductions and the cosine matrix of the merge
-mode. With a multi-device ``mesh`` the first-neighbour query chunks are split across the devices
-(``kmeans._map_rows``; the data replicated), the only ``O(n^2 d)`` step; the result is the same
-for any number of devices. The hierarchy has data-dependent sizes, so ``finch`` drives it from the host: components
-with ``scipy.sparse.csgraph`` (``O(n)``), the closest-pair merging of the required-number-of-clusters
-mode in NumPy (``O(m)`` per merge).
+* Level 0: each sample's first neighbour ``kappa(i)`` (cosine, itself excluded, lowest index on
+  ties; ``neighbours.first_neighbours``, decided as float64 decides it); link ``i - j`` when
+  ``j = kappa(i)``, ``kappa(j) = i`` or ``kappa(i) = kappa(j)``; clusters = connected components.
+* Early exit: the authors' adjacency counts links (``A = (N + I)(N + I)^T`` without its
+  diagonal: 2 for mutual first neighbours, else 1) and ``min_sim = max(A * D)`` over level 0
+  with ``D`` the cosine distance (``1 - cos`` clipped to ``[0, 2]``). At every later level a link
+  with ``A * D > min_sim`` is cut before the components are taken. Only a few links can matter:
+  a sibling link ``i - j`` (shared first neighbour ``h``) is never shorter than ``i - h`` or
+  ``j - h``, so it only bridges when ``i`` and ``h`` are mutual and their double-counted link is
+  cut; those bridges are checked explicitly. Off with ``ensure_early_exit=False``.
+* Each cluster is replaced by the mean of its original members; the next level clusters the
+  means. A level with one cluster, or that merges nothing, is dropped and ends the hierarchy; a
+  level that merges exactly one cluster is kept and ends it (the authors' ``while exit_clust > 1``
+  loop).
+* Required number of clusters ``K``: a level with exactly ``K`` clusters is returned as is;
+  otherwise the coarsest level with at least ``K`` clusters is merged, closest pair of means
+  first, one pair at a time, down to ``K`` (``merging.merge_closest``; exact, ``O(m d)`` memory).
+  Deliberate difference: when ``K`` exceeds the level-0 count the authors' code fails (no level
+  has ``K`` clusters); here the samples themselves are merged down to exactly ``K``.
 
-Memory: first neighbours are computed block by block, ``chunk_size`` queries against
-``chunk_size`` keys (a ``[chunk, chunk]`` similarity block, never ``[n, n]`` nor ``[chunk, n]``),
-with a running best per query; the data may be stored as float16 and is cast to float32 (and
-L2-normalised) one block at a time. 1.23 M x 1792 float16 patches (4.4 GB) cluster in well
-under 24 GB. Compute is exact: ``n^2 d`` multiply-adds at level 0, which is the cost of FINCH
-(the published code switches to approximate, non-deterministic neighbours above 70 k samples;
-this module does not). Measured on 2 shared CPU cores (~90 GFLOP/s): 10 k x 1792 float16 samples
-take 7 s for the whole hierarchy, 50 k take 103 s for level 0 and 124 s in all with
-``num_clusters=1000``; 1.23 M extrapolates to ~17 h on such a CPU, a few minutes on a GPU.
-
-Differences from the published FINCH code, by design: the ``ensure_early_exit`` distance
-threshold is not implemented (it is off by default there too); ``min_clusters`` (default 2)
-drops coarser levels with fewer clusters, which with the default reproduces the published code
-never returning the one-cluster partition above level 0.
+Exactness: the authors compute distances in float32 (and above 70,000 samples with approximate,
+non-deterministic neighbours); here first neighbours, link lengths, ``min_sim``, the cuts and the
+merges are float64 decisions, so a partition is the same on any device, precision, chunking or
+device count. Cluster means are accumulated in float64 on the host; the ``O(n^2 d)`` candidate
+searches run on the accelerator.
 """
 
 from __future__ import annotations
 
-import functools
+import os
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
-from jax import lax
 from jax.sharding import Mesh
 
-from protoad_jax.chunking import as_float as _as_float, check_finite as _check_finite, map_rows as _map_rows, replicate as _replicate, scan_rows as _scan_rows
-from protoad_jax.scoring import NORM_EPS, l2_normalize
+from protoad_jax import merging
+from protoad_jax.neighbours import cosine64, first_neighbours, unit64
 
-_EXACT = lax.Precision.HIGHEST  # first-neighbour argmax decisions: full float32 on every backend
-# Closest-pair merging keeps an m x m float32 similarity matrix: 32768^2 * 4 B = 4 GiB.
-MAX_MERGE_CLUSTERS = 32768
+_SUM_ROWS = 16384  # rows per block of the float64 cluster sums
 
 
 class FinchResult(NamedTuple):
@@ -63,106 +58,21 @@ class FinchResult(NamedTuple):
       required_labels: ``[n]`` int32 labels of the required-number-of-clusters partition
         (``finch(..., num_clusters=K)``), numbered in order of first member; else None.
       required_means: ``[K, d]`` float32 means of that partition; else None.
-      required_level: the level whose partition was merged down to ``K`` clusters (-1: the
-        samples themselves, when ``K`` exceeds the level-0 cluster count); else None.
+      required_level: the level that was returned (exactly ``K`` clusters) or merged down to
+        ``K`` (-1: the samples themselves, when ``K`` exceeds the level-0 count); else None.
+      min_sim: the early-exit distance threshold (None when off or ``n <= 2``).
+      stats: per level ``levels`` (first-neighbour counters: ``reranked``, ``fallbacks``,
+        ``exhaustive``, ``duplicates``) and ``merge`` (``merges``, ``refreshes``, ``start``).
     """
 
-    partitions: list[jax.Array]
+    partitions: list[np.ndarray]
     num_clusters: list[int]
-    means: list[jax.Array]
-    required_labels: jax.Array | None = None
-    required_means: jax.Array | None = None
+    means: list[np.ndarray]
+    required_labels: np.ndarray | None = None
+    required_means: np.ndarray | None = None
     required_level: int | None = None
-
-
-# ----------------------------------------------------------------------------- first neighbours
-
-
-@functools.partial(jax.jit, static_argnames=("chunk", "mesh"))
-def _first_neighbours(x: jax.Array, chunk: int, mesh: Mesh | None = None) -> jax.Array:
-    n = x.shape[0]
-    ar = jnp.arange(chunk)
-
-    def norm_fn(carry, xc, _, valid, start):
-        return carry, jnp.maximum(jnp.linalg.norm(xc, axis=1), NORM_EPS)
-
-    _, norms = _scan_rows(norm_fn, (), x, chunk)
-
-    def query_fn(xq, norm_q, qstart):
-        q = xq / norm_q[:, None]
-        qidx = qstart + ar
-
-        def key_fn(best, xk, norm_k, valid_k, kstart):
-            sim = jnp.einsum("qd,kd->qk", q, xk / norm_k[:, None], precision=_EXACT)
-            ok = valid_k[None, :] & (qidx[:, None] != (kstart + ar)[None, :])
-            sim = jnp.where(ok, sim, -jnp.inf)
-            a = jnp.argmax(sim, axis=1)  # lowest index within the block on ties
-            s = jnp.take_along_axis(sim, a[:, None], axis=1)[:, 0]
-            idx = (kstart + a).astype(jnp.int32)
-            best_s, best_i = best
-            take = (s > best_s) | ((s == best_s) & (idx < best_i))  # lowest index across blocks
-            return (jnp.where(take, s, best_s), jnp.where(take, idx, best_i)), ()
-
-        init = (jnp.full((chunk,), -jnp.inf, jnp.float32), jnp.full((chunk,), n, jnp.int32))
-        (_, best_i), _ = _scan_rows(key_fn, init, x, chunk, norms)
-        return best_i
-
-    # Query chunks are independent: split them across the mesh (each against every key chunk).
-    return _map_rows(query_fn, x, chunk, norms, mesh)
-
-
-def first_neighbours(x: jax.typing.ArrayLike, *, chunk_size: int = 1024,
-                     mesh: Mesh | None = None) -> jax.Array:
-    """Exact first neighbour of every sample under cosine distance, itself excluded.
-
-    Args:
-      x: ``[n, d]``, ``n >= 2``, any float dtype (float16 storage is cast per block).
-      chunk_size: queries and keys per block; memory ``O(chunk_size^2 + chunk_size * d)``.
-      mesh: devices to split the query chunks over (``x`` is replicated on every device), e.g.
-        ``pipeline.local_mesh()``; None or one device = no sharding. The result is the same
-        for any number of devices.
-
-    Returns:
-      ``[n]`` int32 ``kappa``: ``kappa[i] = argmax_{j != i} cos(x_i, x_j)``, lowest ``j`` on ties.
-      Zero rows have cosine 0 with everything.
-
-    Raises:
-      ValueError: ``x`` not 2-D, fewer than 2 samples, not finite, or ``chunk_size < 1``.
-    """
-    x = _validate("first_neighbours", x, chunk_size, mesh)
-    if x.shape[0] < 2:
-        raise ValueError(f"first_neighbours: need at least 2 samples, got shape {x.shape}")
-    chunk = min(int(chunk_size), x.shape[0])
-    return _first_neighbours(_replicate(x, mesh), chunk=chunk, mesh=mesh)
-
-
-# ----------------------------------------------------------------------------- means
-
-
-@functools.partial(jax.jit, static_argnames=("num", "chunk"))
-def _cluster_means(x: jax.Array, labels: jax.Array, num: int, chunk: int) -> jax.Array:
-    """``[num, d]`` float32 means of the rows of ``x`` [n, d] per label, summed chunk by chunk."""
-    d = x.shape[1]
-
-    def fn(carry, xc, lab, valid, start):
-        sums, counts = carry
-        w = valid.astype(jnp.float32)
-        sums = sums + jax.ops.segment_sum(xc * w[:, None], lab, num_segments=num)
-        counts = counts + jax.ops.segment_sum(w, lab, num_segments=num)
-        return (sums, counts), ()
-
-    init = (jnp.zeros((num, d), jnp.float32), jnp.zeros((num,), jnp.float32))
-    (sums, counts), _ = _scan_rows(fn, init, x, chunk, labels)
-    return sums / jnp.maximum(counts, 1.0)[:, None]
-
-
-@functools.partial(jax.jit, static_argnames=("num",))
-def _merge_means(means: jax.Array, counts: jax.Array, labels: jax.Array, num: int) -> jax.Array:
-    """Means of merged clusters: count-weighted means of the member means (= means of all the
-    original members). ``means`` [m, d], ``counts`` [m], ``labels`` [m] -> ``[num, d]``."""
-    sums = jax.ops.segment_sum(means * counts[:, None], labels, num_segments=num)
-    total = jax.ops.segment_sum(counts, labels, num_segments=num)
-    return sums / jnp.maximum(total, 1.0)[:, None]
+    min_sim: float | None = None
+    stats: dict | None = None
 
 
 # ----------------------------------------------------------------------------- host graph steps
@@ -176,207 +86,190 @@ def _canonical(labels: np.ndarray) -> tuple[np.ndarray, int]:
     return rank[inverse.reshape(-1)], len(first)
 
 
-def _components(kappa: np.ndarray) -> tuple[np.ndarray, int]:
-    """Weakly connected components of the graph ``i -> kappa[i]``: ``([n] int32 labels, count)``."""
-    n = len(kappa)
-    graph = scipy.sparse.csr_matrix((np.ones(n, np.int8), (np.arange(n), kappa)), shape=(n, n))
+def _components(n: int, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components of the undirected edges ``src - dst``: ``([n] int32, count)``."""
+    graph = scipy.sparse.csr_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(n, n))
     _, labels = scipy.sparse.csgraph.connected_components(graph, directed=True, connection="weak")
     return _canonical(labels)
 
 
-@jax.jit
-def _cosine_matrix(means: jax.Array) -> jax.Array:
-    """``[m, m]`` cosine similarities of the rows, exactly symmetric, ``-inf`` on the diagonal."""
-    u = l2_normalize(means)
-    s = jnp.einsum("id,jd->ij", u, u, precision=_EXACT)
-    s = (s + s.T) * 0.5
-    return jnp.where(jnp.eye(s.shape[0], dtype=bool), -jnp.inf, s)
+def _distance(rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine distances ``1 - cos`` (clipped to ``[0, 2]``) of the row pairs ``a[k], b[k]``."""
+    out = np.empty(len(a))
+    for s in range(0, len(a), _SUM_ROWS):
+        out[s:s + _SUM_ROWS] = 1.0 - cosine64(rows[a[s:s + _SUM_ROWS]], rows[b[s:s + _SUM_ROWS]])
+    return np.clip(out, 0.0, 2.0)
 
 
-def _merge_closest(means: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
-    """Merges the closest pair of clusters (highest cosine of their means) until ``k`` remain.
+def _sibling_diameter(rows: np.ndarray, kappa: np.ndarray) -> float:
+    """Largest cosine distance between two samples that share a first neighbour."""
+    order = np.argsort(kappa, kind="stable")
+    hubs, starts, sizes = np.unique(kappa[order], return_index=True, return_counts=True)
+    worst = 0.0
+    for s, k in zip(starts[sizes >= 2], sizes[sizes >= 2]):
+        kids = unit64(rows[order[s:s + k]])
+        for r in range(0, k, 1024):
+            worst = max(worst, 1.0 - float(np.clip(kids[r:r + 1024] @ kids.T, -1, 1).min()))
+    return min(worst, 2.0)
 
-    The merged cluster's mean is the count-weighted mean and it takes the lower slot; ties go to
-    the lexicographically lowest pair ``(i, j)``, ``i < j``. Each step is ``O(m)``: the merged
-    row of the cosine matrix follows from the two old rows by linearity,
-    ``cos(m_ij, m_r) = (n_i |m_i| S_ir + n_j |m_j| S_jr) / ((n_i + n_j) |m_ij|)``, and per-row
-    maxima are kept up to date (rows whose maximum was one of the merged pair are re-scanned).
 
-    Args:
-      means: ``[m, d]`` cluster means (m <= MAX_MERGE_CLUSTERS).
-      counts: ``[m]`` member counts.
-      k: clusters to keep, ``1 <= k <= m``.
+def _level(rows: np.ndarray, kappa: np.ndarray, sim: np.ndarray,
+           min_sim: float | None) -> tuple[np.ndarray, int]:
+    """One FINCH level from first neighbours, with the early-exit cuts when ``min_sim`` is set."""
+    n = len(kappa)
+    i = np.arange(n)
+    if min_sim is None:
+        return _components(n, i, kappa)
+    mutual = kappa[kappa] == i
+    dist = np.clip(1.0 - sim, 0.0, 2.0)
+    keep = (1.0 + mutual) * dist <= min_sim
+    src, dst = [i[keep]], [kappa[keep]]
+    # Bridges: p and h mutual with their (double-counted) link cut, c a child of h whose link
+    # to h survives; the sibling link p - c (counted once) survives when D(p, c) <= min_sim.
+    cut_pairs = np.flatnonzero(mutual & ~keep)
+    if len(cut_pairs):
+        partner = np.full(n, -1)
+        partner[cut_pairs] = kappa[cut_pairs]
+        child = np.flatnonzero(keep & (partner[kappa] >= 0) & (partner[kappa] != i))
+        p = partner[kappa[child]]  # the hub's mutual partner
+        near = _distance(rows, p, child) <= min_sim
+        src.append(p[near])
+        dst.append(child[near])
+    return _components(n, np.concatenate(src), np.concatenate(dst))
 
-    Returns:
-      ``[m]`` int32 label in ``[0, k)`` of each input cluster, numbered in order of slot.
-    """
-    m = len(counts)
-    vec = np.asarray(means, np.float64)
-    cnt = np.asarray(counts, np.float64).copy()
-    norm = np.linalg.norm(vec, axis=1)
-    sim = np.array(_cosine_matrix(jnp.asarray(means, jnp.float32)))  # writable float32 copy
-    active = np.ones(m, bool)
-    slot = np.arange(m)
-    rowarg = np.argmax(sim, axis=1)
-    rowmax = sim[np.arange(m), rowarg]
-    for _ in range(m - k):
-        i = int(np.argmax(rowmax))
-        i, j = sorted((i, int(rowarg[i])))
-        others = active.copy()
-        others[[i, j]] = False
-        ni, nj = cnt[i], cnt[j]
-        new = (ni * vec[i] + nj * vec[j]) / (ni + nj)
-        new_norm = float(np.linalg.norm(new))
-        row = np.full(m, -np.inf)
-        if new_norm > 0:
-            row[others] = ((ni * norm[i]) * sim[i, others] + (nj * norm[j]) * sim[j, others]) / (
-                (ni + nj) * new_norm)
-        else:
-            row[others] = 0.0
-        row = row.astype(np.float32)
-        vec[i], norm[i], cnt[i], cnt[j] = new, new_norm, ni + nj, 0.0
-        active[j] = False
-        slot[slot == j] = i
-        sim[i, :] = row
-        sim[:, i] = row
-        sim[j, :] = -np.inf
-        sim[:, j] = -np.inf
-        rowmax[j] = -np.inf
-        rowarg[i] = int(np.argmax(row))
-        rowmax[i] = row[rowarg[i]]
-        stale = others & ((rowarg == i) | (rowarg == j))
-        better = others & ~stale & ((row > rowmax) | ((row == rowmax) & (i < rowarg)))
-        rowmax[better] = row[better]
-        rowarg[better] = i
-        if stale.any():
-            r = np.flatnonzero(stale)
-            a = np.argmax(sim[r], axis=1)
-            rowarg[r] = a
-            rowmax[r] = sim[r, a]
-    rank = np.cumsum(active) - 1  # slots are in order of first member; keep that order
-    return rank[slot].astype(np.int32)
+
+def _early_exit_threshold(rows: np.ndarray, kappa: np.ndarray, sim: np.ndarray) -> float:
+    """The authors' ``min_sim = max(A * D)`` over the links of level 0."""
+    mutual = kappa[kappa] == np.arange(len(kappa))
+    linked = float(((1.0 + mutual) * np.clip(1.0 - sim, 0.0, 2.0)).max())
+    return max(linked, _sibling_diameter(rows, kappa))
+
+
+def _sums(x: np.ndarray, labels: np.ndarray, c: int) -> np.ndarray:
+    """``[c, d]`` float64 sums of the rows of ``x`` per label, block by block."""
+    out = np.zeros((c, x.shape[1]), np.float64)
+    for s in range(0, len(x), _SUM_ROWS):
+        lab = labels[s:s + _SUM_ROWS]
+        onehot = scipy.sparse.csr_matrix(
+            (np.ones(len(lab)), (lab, np.arange(len(lab)))), shape=(c, len(lab)))
+        out += onehot @ np.asarray(x[s:s + _SUM_ROWS], np.float64)
+    return out
+
+
+def _check_memory(need: int, what: str, hint: str) -> None:
+    """Refuses, before the work, a step whose estimated host memory exceeds what is available."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f
+                         if line.startswith("MemAvailable"))
+    except (OSError, StopIteration, ValueError):
+        return
+    if need > avail:
+        raise MemoryError(f"finch: {what} needs about {need / 2**30:.1f} GiB of memory but "
+                          f"{avail / 2**30:.1f} GiB are available; {hint}")
 
 
 # ----------------------------------------------------------------------------- public
 
 
-def _validate(name: str, x: jax.typing.ArrayLike, chunk_size: int,
-              mesh: Mesh | None) -> jax.Array:
-    if mesh is not None and not isinstance(mesh, Mesh):
-        raise ValueError(
-            f"{name}: mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
-    x = _as_float("x", x)
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name}: x must be [n, d] with n, d >= 1, got shape {x.shape}")
-    if int(chunk_size) < 1:
-        raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
-    _check_finite(f"{name}: x", x)
-    return x
-
-
-def finch(x: jax.typing.ArrayLike, *, num_clusters: int | None = None, chunk_size: int = 1024,
-          min_clusters: int = 2, mesh: Mesh | None = None) -> FinchResult:
+def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: bool = True,
+          chunk_size: int = 1024, precision: str = "float32",
+          mesh: Mesh | None = None) -> FinchResult:
     """FINCH hierarchy of partitions, optionally merged down to a required number of clusters.
 
-    Level 0 clusters the samples; level ``l + 1`` clusters the level-``l`` means (cosine first
-    neighbours of the means; the new means are count-weighted means of the old, i.e. the means of
-    all original members). Stops when a level would have fewer than ``min_clusters`` clusters or
-    merges nothing. Deterministic: exact neighbours, lowest-index ties, clusters numbered in
-    order of their first member.
-
-    Required-number-of-clusters mode (``num_clusters=K``): from the coarsest level with at least
-    ``K`` clusters (the samples themselves when level 0 has fewer), merge the pair of clusters
-    whose means have the highest cosine similarity, one pair at a time (count-weighted mean),
-    until exactly ``K`` remain, as in the published FINCH ``req_numclust``.
-
     Args:
-      x: ``[n, d]`` samples, any float dtype (float16 storage is cast to float32 per block).
+      x: ``[n, d]`` samples (float16, float32 or float64), ``n >= 2``, finite, no zero rows.
       num_clusters: required number of clusters ``K`` in ``[1, n]``, or None.
-      chunk_size: block size of the first-neighbour search and the mean reductions.
-      min_clusters: keep coarser levels only while they have at least this many clusters
-        (level 0 is always kept). The default 2 drops the trivial one-cluster partition.
-      mesh: devices to split the first-neighbour query chunks over (the data is replicated on
-        every device), e.g. ``pipeline.local_mesh()``; None or one device = no sharding. The
-        result is the same for any number of devices.
+      ensure_early_exit: the authors' distance cut above level 0 (their default, True).
+      chunk_size: block size of the first-neighbour candidate pass.
+      precision: candidate-pass arithmetic, ``"float32"`` or ``"bfloat16"`` (the result does
+        not depend on it).
+      mesh: devices to split the candidate passes over (data replicated on each), e.g.
+        ``pipeline.local_mesh()``; the result does not depend on the device count.
 
     Returns:
       ``FinchResult``; ``required_*`` set when ``num_clusters`` is given.
 
     Raises:
-      ValueError: ``x`` not 2-D, empty or not finite; ``num_clusters`` out of ``[1, n]``;
-        ``min_clusters < 1``; ``chunk_size < 1``; the partition to merge down from has more than
-        ``MAX_MERGE_CLUSTERS`` clusters.
+      ValueError: ``x`` not ``[n, d]`` with ``n >= 2``, not finite, a zero row; ``num_clusters``
+        out of ``[1, n]``.
+      MemoryError: the estimated memory of a step exceeds the available memory (raised before
+        that step); the message says which budget to use.
     """
-    x = _replicate(_validate("finch", x, chunk_size, mesh), mesh)
-    n = x.shape[0]
+    xh = np.asarray(x)
+    if xh.ndim != 2 or xh.shape[0] < 2 or xh.shape[1] < 1:
+        raise ValueError(f"finch: x must be [n, d] with n >= 2 samples and d >= 1, got shape "
+                         f"{xh.shape}")
+    n, d = xh.shape
     if num_clusters is not None and (
             not isinstance(num_clusters, (int, np.integer)) or not 1 <= num_clusters <= n):
         raise ValueError(
             f"finch: num_clusters must be an integer in [1, n={n}], got {num_clusters!r}")
-    if int(min_clusters) < 1:
-        raise ValueError(f"finch: min_clusters must be >= 1, got {min_clusters}")
+    itemsize = xh.dtype.itemsize if xh.dtype in (np.float16, np.float32) else 4
+    _check_memory(n * d * itemsize + n * 64 * 8, f"the first-neighbour search over {n} samples",
+                  "subsample the patches (max_patches / --max_patches)")
+    kw = dict(chunk_size=chunk_size, precision=precision, mesh=mesh)
 
-    def neighbours(a: jax.Array) -> np.ndarray:
-        chunk = min(int(chunk_size), a.shape[0])
-        return np.asarray(_first_neighbours(_replicate(a, mesh), chunk=chunk, mesh=mesh))
+    def counters(nb):
+        return {"n": len(nb.index), "reranked": nb.reranked, "fallbacks": nb.fallbacks,
+                "exhaustive": nb.exhaustive, "duplicates": nb.duplicates}
 
-    if n == 1:
-        point_labels, counts = np.zeros(1, np.int32), np.ones(1)
-        means = x.astype(jnp.float32)
-    else:
-        point_labels, c = _components(neighbours(x))
-        counts = np.bincount(point_labels, minlength=c).astype(np.float64)
-        means = _cluster_means(x, jnp.asarray(point_labels), num=c, chunk=min(int(chunk_size), n))
-    partitions, sizes, all_means, all_counts = [point_labels], [len(counts)], [means], [counts]
-    while sizes[-1] > 1:
-        labels, c = _components(neighbours(means))
-        if c >= sizes[-1] or c < min_clusters:
+    nb = first_neighbours(xh, **kw)
+    labels, c = _level(xh, nb.index, nb.similarity, None)
+    min_sim = (_early_exit_threshold(xh, nb.index, nb.similarity)
+               if ensure_early_exit and n > 2 else None)
+    level_stats = [counters(nb)]
+    sums = _sums(xh, labels, c)
+    counts = np.bincount(labels, minlength=c).astype(np.float64)
+    partitions, sizes, all_sums, all_counts = [labels], [c], [sums], [counts]
+    while sizes[-1] >= 2:
+        means = sums / counts[:, None]
+        nb = first_neighbours(means, **kw)
+        lab, c_new = _level(means, nb.index, nb.similarity, min_sim)
+        merged = sizes[-1] - c_new
+        if c_new == 1 or merged < 1:
             break
-        means = _merge_means(means, jnp.asarray(counts, jnp.float32), jnp.asarray(labels), num=c)
-        counts = np.bincount(labels, weights=counts, minlength=c)
+        level_stats.append(counters(nb))
+        sums = _sums(sums, lab, c_new)
+        counts = np.bincount(lab, weights=counts, minlength=c_new)
         # Clusters numbered by first member stay so: a merged cluster's first member is that of
         # its lowest-numbered part.
-        point_labels = labels[point_labels]
-        partitions.append(point_labels)
-        sizes.append(c)
-        all_means.append(means)
+        partitions.append(lab[partitions[-1]].astype(np.int32))
+        sizes.append(c_new)
+        all_sums.append(sums)
         all_counts.append(counts)
+        if merged == 1:
+            break
 
+    stats = {"levels": level_stats}
     req_labels = req_means = req_level = None
     if num_clusters is not None:
         k = int(num_clusters)
-        req_level = max((l for l, c in enumerate(sizes) if c >= k), default=-1)
-        if req_level >= 0:
-            base_labels, base_means, base_counts = (
-                partitions[req_level], all_means[req_level], all_counts[req_level])
+        if k in sizes:
+            req_level = sizes.index(k)
+            req_labels = partitions[req_level]
+            req_means = (all_sums[req_level] / all_counts[req_level][:, None]).astype(np.float32)
         else:
-            base_labels, base_means = np.arange(n, dtype=np.int32), x.astype(jnp.float32)
-            base_counts = np.ones(n)
-        m = len(base_counts)
-        if m > MAX_MERGE_CLUSTERS:
-            raise ValueError(
-                f"finch: merging down to num_clusters={k} starts from {m} clusters "
-                f"(level {req_level}); "
-                f"at most {MAX_MERGE_CLUSTERS} fit the [m, m] similarity matrix. Ask for fewer "
-                f"clusters than level {req_level + 1} has, or subsample x")
-        merged = _merge_closest(np.asarray(base_means), base_counts, k)
-        req_labels = jnp.asarray(merged[base_labels])
-        req_means = _merge_means(jnp.asarray(base_means), jnp.asarray(base_counts, jnp.float32),
-                                 jnp.asarray(merged), num=k)
+            req_level = max((lv for lv, c in enumerate(sizes) if c >= k), default=-1)
+            if req_level >= 0:
+                base_labels, base_sums, base_counts = (
+                    partitions[req_level], all_sums[req_level], all_counts[req_level])
+            else:
+                base_labels, base_counts = np.arange(n, dtype=np.int32), np.ones(n)
+                base_sums = np.asarray(xh, np.float64)
+            m = len(base_counts)
+            _check_memory(3 * m * d * 8 + m * 200,
+                          f"merging {m} clusters down to {k}",
+                          "ask for a K closer to a FINCH level or subsample the patches")
+            merge_stats: dict = {}
+            merged_labels = merging.merge_closest(base_sums, base_counts, k, stats=merge_stats,
+                                                  **kw)
+            stats["merge"] = dict(merge_stats, start=m)
+            req_labels = merged_labels[base_labels].astype(np.int32)
+            msums = _sums(base_sums, merged_labels, k)
+            mcounts = np.bincount(merged_labels, weights=base_counts, minlength=k)
+            req_means = (msums / mcounts[:, None]).astype(np.float32)
 
-    return FinchResult([jnp.asarray(p) for p in partitions], [int(c) for c in sizes], all_means,
-                       req_labels, req_means, req_level)
-
-
-def subsample(x: jax.typing.ArrayLike, max_n: int, key: jax.Array) -> jax.Array:
-    """At most ``max_n`` rows of ``x`` [n, d], drawn uniformly without replacement, in row order.
-
-    Returns ``x`` itself when ``n <= max_n``.
-    """
-    x = jnp.asarray(x)
-    if max_n < 1:
-        raise ValueError(f"subsample: max_n must be >= 1, got {max_n}")
-    if x.shape[0] <= max_n:
-        return x
-    idx = jnp.sort(jax.random.choice(key, x.shape[0], (int(max_n),), replace=False))
-    return jnp.take(x, idx, axis=0)
+    means = [(s / c[:, None]).astype(np.float32) for s, c in zip(all_sums, all_counts)]
+    return FinchResult(partitions, [int(c) for c in sizes], means, req_labels, req_means,
+                       req_level, min_sim, stats)

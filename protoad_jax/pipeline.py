@@ -375,8 +375,11 @@ def cluster(patches: np.ndarray, config: Config, *, progress: bool = True) -> tu
             centres = np.asarray(res.centroids)
         else:
             k = None if config.num_prototypes is None else min(config.num_prototypes, len(patches))
-            res = finch.finch(patches, num_clusters=k, mesh=local_mesh())
-            info["finch_levels"] = [int(c) for c in res.num_clusters]
+            res = finch.finch(patches, num_clusters=k, ensure_early_exit=config.finch_early_exit,
+                              mesh=local_mesh())
+            info.update(finch_levels=[int(c) for c in res.num_clusters],
+                        finch_early_exit=config.finch_early_exit, finch_min_sim=res.min_sim,
+                        finch_required_level=res.required_level, finch_stats=res.stats)
             if config.num_prototypes is None:
                 level = min(config.finch_level, len(res.means) - 1)
                 info["finch_level"] = level

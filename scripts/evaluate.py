@@ -38,6 +38,8 @@ flags.DEFINE_enum("clustering", "finch", ["finch", "kmeans"], "Prototype cluster
 flags.DEFINE_integer("num_prototypes", None, "K prototypes (FINCH: required number of clusters; 0 = take "
                      "FINCH level --finch_level). Default: evaluation.DEFAULT_K.")
 flags.DEFINE_integer("finch_level", 0, "FINCH partition level when --num_prototypes=0.")
+flags.DEFINE_bool("finch_early_exit", True, "FINCH authors' ensure_early_exit (their default); "
+                  "--nofinch_early_exit turns it off.")
 flags.DEFINE_string("max_patches", "auto", "Subsample training patches to this many (seeded); 'all'; "
                     "'auto' = all on GPU/TPU, config.CPU_MAX_PATCHES on CPU.")
 flags.DEFINE_integer("seed", 0, "Seed for subsampling, k-means++ and the demo data.")
@@ -68,6 +70,7 @@ def main(argv):
         raise app.UsageError("--data_dir is required (or use --demo)")
     k = FLAGS.num_prototypes
     config = Config(clustering=FLAGS.clustering, seed=FLAGS.seed, finch_level=FLAGS.finch_level,
+                    finch_early_exit=FLAGS.finch_early_exit,
                     num_prototypes=(evaluation.DEFAULT_K if k is None else k or None),
                     max_patches=_max_patches(FLAGS.max_patches), image_score=FLAGS.image_score,
                     normalize_prototypes=FLAGS.normalize_prototypes, dtype=FLAGS.dtype)

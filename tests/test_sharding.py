@@ -38,7 +38,7 @@ def main(out: str) -> None:
 
     jax.config.update("jax_numpy_rank_promotion", "raise")  # as tests/conftest.py
     jax.config.update("jax_default_matmul_precision", "highest")
-    from protoad_jax import backbone, finch, kmeans, pipeline, weights
+    from protoad_jax import backbone, finch, kmeans, neighbours, pipeline, weights
     from protoad_jax.config import EMBED_CHANNELS, Config
 
     ndev = jax.local_device_count()
@@ -128,7 +128,8 @@ def main(out: str) -> None:
     x[500:550] = x[:50]
     x[900:950] = x[:50]
     m = mesh if ndev > 1 else None
-    res["kappa"] = np.asarray(finch.first_neighbours(x, chunk_size=96, mesh=m))
+    nb = neighbours.first_neighbours(x, chunk_size=96, candidates=4, mesh=m)
+    res["kappa"], res["kappa_sim"] = nb.index, nb.similarity
     fr = finch.finch(x, num_clusters=6, chunk_size=96, mesh=m)
     info["finch_levels"] = fr.num_clusters
     for i, (p, mu) in enumerate(zip(fr.partitions, fr.means)):
@@ -146,7 +147,11 @@ def main(out: str) -> None:
     # collectives): evidence that the searches are split.
     if ndev > 1:
         xr = jax.device_put(jnp.asarray(x), pipeline.replicated_sharding())
-        hlo_nn = finch._first_neighbours.lower(xr, chunk=96, mesh=m).compile().as_text()
+        ok = jax.device_put(jnp.ones(1000, bool), pipeline.replicated_sharding())
+        pairs = jax.device_put(jnp.asarray(neighbours._chunk_pairs(1000, 96, ndev)),
+                               pipeline.replicated_sharding())
+        hlo_nn = neighbours._pair_pass.lower(xr, ok, pairs, chunk=96, c=4, bf16=False,
+                                             mesh=m).compile().as_text()
         hlo_km = kmeans._kmeans.lower(xr, jax.random.key(1), None, k=7, max_iters=100, tol=0.0,
                                       spherical=False, chunk=96, mesh=m).compile().as_text()
         info["nn_all_gather"] = "all-gather" in hlo_nn
