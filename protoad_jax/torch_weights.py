@@ -640,6 +640,8 @@ def _read_member(
 
     if info.flag_bits & 0x41:
         raise corrupt("is marked encrypted")
+    if info.external_attr & 0x10:  # the DOS directory bit: torch's reader would skip the data
+        raise corrupt("is marked as a directory")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise corrupt(f"has compression method {info.compress_type}")
     if not 0 <= info.header_offset <= f.size - 30:
