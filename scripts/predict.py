@@ -6,10 +6,10 @@ Commands:
   python scripts/predict.py --model=M.npz --input=one.png --output_dir=O --threshold=0.31
   python scripts/predict.py --model=M.npz --input=DIR --output_dir=O --skip_bad_images
 
-Prints one line per input file (score, verdict, path; or "skipped: <reason>") and a summary:
-  0.412345  yes      /data/new_bottles/003.png
+Prints one line per input file and a summary (a = anomalous, n = scored, k = skipped):
+  <score>  <yes|no|unknown>  /data/new_bottles/003.png
   skipped: cannot decode (UnidentifiedImageError: cannot identify image file)  /data/new_bottles/bad.png
-  1 of 3 scored images anomalous; 1 skipped; wrote pred/predictions.csv, pred/regions.json, pred/overlays/, pred/masks/
+  <a> of <n> scored images anomalous; <k> skipped; wrote pred/predictions.csv, pred/regions.json, pred/overlays/, pred/masks/
 Writes (protoad_jax/prediction.py): O/predictions.csv (path, status ok / skipped: <reason>, score,
 anomalous yes/no, or "unknown" when no threshold is set, number of regions), O/overlays/<name>.png
 (image | heatmap with the defect regions outlined), and per anomalous image O/masks/<name>.png (the

@@ -70,7 +70,7 @@ def test_known_point_through_lanczos_preprocessing_and_back(width, height):
     rng = np.random.default_rng(width * 7 + height)
     w = regions.crop_window(width, height)
     scale = width / w.resized_width
-    side = max(6, int(round(10 * scale)))
+    side = max(6, round(10 * scale))
     x0, y0, x1, y1 = w.box
     worst = 0.0
     for _ in range(3):
