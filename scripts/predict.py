@@ -34,7 +34,8 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model .npz written by fit()/evaluate.py.", required=True)
 flags.DEFINE_string("input", None, "An image file or a folder of images (searched recursively).", required=True)
-flags.DEFINE_string("output_dir", None, "Where predictions.csv and overlays/ go.", required=True)
+flags.DEFINE_string("output_dir", None, "Where predictions.csv, regions.json, overlays/ and masks/ go.",
+                    required=True)
 flags.DEFINE_float("threshold", None, "Image-score threshold (overrides the model's).")
 flags.DEFINE_string("calibrate_dir", None, "Folder of normal images: set the threshold from them and save it.")
 flags.DEFINE_float("calibrate_quantile", 0.99, "Quantile of the normal scores used as threshold.")
