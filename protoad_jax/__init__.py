@@ -3,11 +3,13 @@
 from protoad_jax.config import Config
 from protoad_jax.data import preprocess_image, preprocess_mask
 from protoad_jax.pipeline import Model, ScoredImages, fit, load_model, make_scorer, score_images
+from protoad_jax.regions import find_regions
 
 __all__ = [
     "Config",
     "Model",
     "ScoredImages",
+    "find_regions",
     "fit",
     "load_model",
     "make_scorer",

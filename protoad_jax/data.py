@@ -45,7 +45,27 @@ _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 class BadImageError(ValueError):
-    """An image file is missing or cannot be decoded."""
+    """An image file is missing or cannot be decoded.
+
+    Attributes:
+      path: the file.
+      reason: what is wrong with it, without the path (e.g. ``"file does not exist"``).
+      skippable: True when the error comes from a step that can skip unreadable files instead
+        (``pipeline.score_images(..., skip_bad=True)``); False for training images.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None, reason: str = ""):
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+        self.reason = reason or message
+        self.skippable = False
+
+
+class SkippedImage(NamedTuple):
+    """An input left out with ``skip_bad=True``: its ``path`` and the ``reason`` (``BadImageError.reason``)."""
+
+    path: Path
+    reason: str
 
 
 class DatasetError(ValueError):
@@ -88,18 +108,20 @@ def _check_sizes(resize: int, crop: int) -> None:
 
 def _open(path: str | os.PathLike) -> Image.Image:
     """Opens and fully decodes ``path``; any failure is a ``BadImageError`` that names the file."""
-    advice = "Remove or replace the file, or pass --skip_bad_images to skip unreadable images."
     try:
         # Exiting the block closes the file only; the decoded image stays usable.
         with Image.open(path) as im:
             im.load()
             return im
     except FileNotFoundError:
-        raise BadImageError(f"image file {path} does not exist. {advice}") from None
+        reason = "file does not exist"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        # UnidentifiedImageError and "image file is truncated" are OSErrors.
-        raise BadImageError(f"cannot decode image file {path} ({type(e).__name__}: {e}). "
-                            f"{advice}") from e
+        # UnidentifiedImageError and "image file is truncated" are OSErrors. PIL's messages may
+        # quote the path, which the error names anyway.
+        detail = str(e).replace(repr(str(path)), "").replace(str(path), "").strip(" :")
+        reason = f"cannot decode ({type(e).__name__}: {detail})" if detail else \
+            f"cannot decode ({type(e).__name__})"
+    raise BadImageError(f"image file {path}: {reason}. Remove or replace the file.", path, reason)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -146,8 +168,12 @@ def _mask_mode(img: Image.Image) -> Image.Image:
     return img.convert("L") if img.mode == "LA" else img.convert("RGB")
 
 
-def preprocess_mask(path: str | os.PathLike, resize: int = 256, crop: int = 224) -> np.ndarray:
+def preprocess_mask(path_or_pil: str | os.PathLike | Image.Image, resize: int = 256,
+                    crop: int = 224) -> np.ndarray:
     """Loads a ground-truth mask: PIL NEAREST resize (shorter side), center crop, ``> 0``.
+
+    Args:
+      path_or_pil: a mask file or a PIL image (original image size).
 
     Returns:
       ``[crop, crop]`` bool; a pixel is anomalous when any channel is non-zero.
@@ -156,7 +182,7 @@ def preprocess_mask(path: str | os.PathLike, resize: int = 256, crop: int = 224)
       BadImageError: the file is missing or cannot be decoded.
     """
     _check_sizes(resize, crop)
-    img = _mask_mode(_open(path))
+    img = _mask_mode(path_or_pil if isinstance(path_or_pil, Image.Image) else _open(path_or_pil))
     size = resized_size(*img.size, resize)
     if size != img.size:
         img = img.resize(size, Image.NEAREST)
@@ -170,9 +196,10 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except FileNotFoundError:
-        raise BadImageError(f"image file {path} does not exist") from None
+        raise BadImageError(f"image file {path} does not exist", path, "file does not exist") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadImageError(f"cannot read the header of image file {path} ({e})") from e
+        raise BadImageError(f"cannot read the header of image file {path} ({e})", path,
+                            f"cannot read the header ({type(e).__name__})") from e
 
 
 def check_mask_matches(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> None:
@@ -416,10 +443,11 @@ class Batch(NamedTuple):
 
 class Stream:
     """A one-shot iterable over decoded images or batches. With ``skip_bad=True``, the files that
-    could not be decoded are skipped, logged, and listed in ``skipped`` as iteration goes."""
+    could not be decoded are skipped, logged, and listed in ``skipped`` (``SkippedImage``, in
+    input order) as iteration goes."""
 
-    def __init__(self, gen_fn: Callable[[list[Path]], Iterator[Any]]):
-        self.skipped: list[Path] = []
+    def __init__(self, gen_fn: Callable[[list[SkippedImage]], Iterator[Any]]):
+        self.skipped: list[SkippedImage] = []
         self._gen = gen_fn(self.skipped)
 
     def __iter__(self) -> Iterator[Any]:
@@ -434,7 +462,7 @@ class Stream:
 
 def _decoded(paths: Sequence[str | os.PathLike], resize: int, crop: int, num_threads: int | None,
              prefetch: int | None, skip_bad: bool,
-             skipped: list[Path]) -> Iterator[tuple[Path, np.ndarray]]:
+             skipped: list[SkippedImage]) -> Iterator[tuple[Path, np.ndarray]]:
     _check_sizes(resize, crop)
     num_threads = default_num_threads() if num_threads is None else num_threads
     prefetch = 4 * max(1, num_threads) if prefetch is None else prefetch
@@ -450,7 +478,7 @@ def _decoded(paths: Sequence[str | os.PathLike], resize: int, crop: int, num_thr
             if not skip_bad:
                 raise x
             log.warning("skipping bad image: %s", x)
-            skipped.append(path)
+            skipped.append(SkippedImage(path, x.reason))
             continue
         yield path, x
 
@@ -517,7 +545,7 @@ def batched(paths: Sequence[str | os.PathLike], batch_size: int, resize: int = 2
     if prefetch is None:
         prefetch = max(2 * batch_size, 4 * (num_threads or default_num_threads()))
 
-    def gen(skipped: list[Path]) -> Iterator[Batch]:
+    def gen(skipped: list[SkippedImage]) -> Iterator[Batch]:
         images: list[np.ndarray] = []
         names: list[Path] = []
         for path, x in _decoded(paths, resize, crop, num_threads, prefetch, skip_bad, skipped):

@@ -31,6 +31,8 @@ DEFAULT_K = Config().num_prototypes
 CSV_COLUMNS = ("category",) + METRICS + ("num_prototypes", "num_train", "num_test",
                                          "seconds_features", "seconds_clustering", "seconds_scoring",
                                          "seconds_metrics")
+# scores.csv: every test image; status "ok", or "skipped: <reason>" (no score) with skip_bad_images.
+SCORES_COLUMNS = ("path", "defect_type", "label", "status", "score")
 
 
 class Backbone(NamedTuple):
@@ -192,10 +194,10 @@ def run_category(dataset: str, data_dir: str | Path | None, category: str, out_d
     scored = pipeline.score_images(model, inputs.test, net.variables, batch_size=batch_size,
                                    progress=progress, skip_bad=skip_bad_images)
     t2 = time.perf_counter()
-    scored_paths = {x for x in scored.inputs if isinstance(x, Path)}
-    keep = [i for i, x in enumerate(inputs.test) if not isinstance(x, Path) or x in scored_paths]
+    reasons = {s.path: s.reason for s in scored.skipped}
+    keep = [i for i, x in enumerate(inputs.test) if not isinstance(x, Path) or x not in reasons]
     items = [inputs.items[i] for i in keep]
-    skipped = [str(inputs.items[i].path) for i in sorted(set(range(len(inputs.items))) - set(keep))]
+    skipped = [str(s.path) for s in scored.skipped]
     labels = np.array([it.label for it in items])
     masks = None
     if inputs.masks is not None:
@@ -207,9 +209,11 @@ def run_category(dataset: str, data_dir: str | Path | None, category: str, out_d
     values = metrics.evaluate_all(labels, scored.scores, masks, scored.maps)
     t3 = time.perf_counter()
 
+    score_of = dict(zip(keep, scored.scores.tolist()))  # by position: TFDS names can repeat
     rows = [{"path": str(it.path), "defect_type": it.defect_type, "label": it.label,
-             "score": float(s)} for it, s in zip(items, scored.scores)]
-    _write_csv(cat_dir / "scores.csv", ("path", "defect_type", "label", "score"), rows)
+             "status": "ok" if i in score_of else f"skipped: {reasons[it.path]}",
+             "score": score_of.get(i, "")} for i, it in enumerate(inputs.items)]
+    _write_csv(cat_dir / "scores.csv", SCORES_COLUMNS, rows)
     if save_raw_maps:
         for it, m in zip(items, scored.maps):
             _save_npy(cat_dir / "maps" / it.defect_type / f"{it.path.stem}.npy", m.astype(np.float32))

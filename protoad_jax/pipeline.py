@@ -286,18 +286,22 @@ def check_images(images: Any, image_size: int) -> None:
 
 
 def iter_batches(images: Sequence[Any], batch_size: int, config: Config, *, skip_bad: bool = False,
-                 ) -> Iterator[tuple[np.ndarray, list]]:
+                 skipped: list[data.SkippedImage] | None = None) -> Iterator[tuple[np.ndarray, list]]:
     """Yields ``(batch [batch_size, s, s, 3] float32, items)`` where ``items`` are the inputs in the
     batch's valid rows; the last batch is zero-padded to ``batch_size`` so a jitted consumer sees
     one shape and never recompiles.
 
     ``images`` holds image paths (decoded on a thread pool with prefetch; with ``skip_bad``,
-    undecodable files are skipped and left out of ``items``) or preprocessed arrays.
+    undecodable files are skipped, left out of ``items`` and, once iteration ends, appended to
+    ``skipped`` as ``data.SkippedImage``) or preprocessed arrays.
     """
     if len(images) and isinstance(images[0], (str, os.PathLike)):
-        for batch in data.batched(images, batch_size, resize=config.resize, crop=config.image_size,
-                                  skip_bad=skip_bad):
+        stream = data.batched(images, batch_size, resize=config.resize, crop=config.image_size,
+                              skip_bad=skip_bad)
+        for batch in stream:
             yield batch.images, batch.paths
+        if skipped is not None:
+            skipped += stream.skipped
         return
     for start in range(0, len(images), batch_size):
         items = images[start:start + batch_size]
@@ -526,12 +530,14 @@ def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int 
 @dataclasses.dataclass
 class ScoredImages:
     """Per-image results of ``score_images``: maps ``[n, s, s]``, scores ``[n]``, patch maps
-    ``[n, h, w]``, and the ``n`` inputs scored (bad files skipped with ``skip_bad`` are absent)."""
+    ``[n, h, w]``, the ``n`` inputs scored, and the inputs ``skipped`` as unreadable with
+    ``skip_bad`` (``data.SkippedImage(path, reason)``, in input order; absent from the arrays)."""
 
     maps: np.ndarray
     scores: np.ndarray
     patch_maps: np.ndarray
     inputs: list
+    skipped: list[data.SkippedImage] = dataclasses.field(default_factory=list)
 
 
 def score_images(model: Model, images: Sequence[Any], variables: dict | None = None, *,
@@ -541,20 +547,34 @@ def score_images(model: Model, images: Sequence[Any], variables: dict | None = N
 
     Batches of ``batch_size`` (rounded up to a multiple of the local device count) are split
     across the local devices; variables and prototypes are replicated once per call.
+
+    Raises:
+      data.BadImageError: an image file is missing or undecodable (``skip_bad=False``; its
+        ``skippable`` is True), or every image was (``skip_bad=True``).
     """
     fn, variables, prototypes = _scoring_parts(model, variables, chunk_size, "score_images")
     images = list(images)
-    maps, scores, patch_maps, inputs = [], [], [], []
+    maps, scores, patch_maps, inputs, skipped = [], [], [], [], []
     with Progress("scoring", len(images), "img", progress) as bar:
-        for batch, items in iter_batches(images, _device_batch_size(batch_size), model.config,
-                                         skip_bad=skip_bad):
-            n = len(items)
-            res = jax.device_get(fn(variables, prototypes, _device_batch(batch)))
-            maps.append(res.anomaly_map[:n])
-            scores.append(res.score[:n])
-            patch_maps.append(res.patch_map[:n])
-            inputs += items
-            bar.update(n)
+        try:
+            for batch, items in iter_batches(images, _device_batch_size(batch_size), model.config,
+                                             skip_bad=skip_bad, skipped=skipped):
+                n = len(items)
+                res = jax.device_get(fn(variables, prototypes, _device_batch(batch)))
+                maps.append(res.anomaly_map[:n])
+                scores.append(res.score[:n])
+                patch_maps.append(res.patch_map[:n])
+                inputs += items
+                bar.update(n)
+        except data.BadImageError as e:
+            e.skippable = True  # skip_bad=True would have skipped it
+            raise
+    if not inputs and skipped:
+        listed = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5])
+        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        raise data.BadImageError(f"none of the {len(skipped)} images could be read: {listed}{more}",
+                                 skipped[0].path, "every image was unreadable")
     if not inputs:
-        raise ValueError("score_images() got no images (or every image was skipped as unreadable)")
-    return ScoredImages(np.concatenate(maps), np.concatenate(scores), np.concatenate(patch_maps), inputs)
+        raise ValueError("score_images() got no images")
+    return ScoredImages(np.concatenate(maps), np.concatenate(scores), np.concatenate(patch_maps),
+                        inputs, skipped)

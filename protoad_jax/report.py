@@ -39,30 +39,42 @@ def overlay(image_u8: np.ndarray, m: np.ndarray, vmin: float, vmax: float, alpha
     return np.round(blend).astype(np.uint8)
 
 
-def mask_outline(image_u8: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The image with the ground-truth region tinted red and outlined."""
+def outline(image_u8: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 0, 0),
+            tint: float = 0.0) -> np.ndarray:
+    """The image with ``mask`` outlined in ``color`` (its boundary pixels: in the mask, with a
+    4-neighbour outside it or past the image's edge) and its inside blended ``tint`` of the way
+    to ``color``."""
     out = image_u8.astype(np.float64).copy()
     mask = np.asarray(mask, bool)
-    out[mask] = 0.55 * out[mask] + 0.45 * np.array([255, 0, 0])
-    edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
-    out[edge] = (255, 0, 0)
+    out[mask] = (1 - tint) * out[mask] + tint * np.asarray(color, np.float64)
+    m = np.pad(mask, 1)
+    inner = m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    out[mask & ~inner] = color
     return np.round(out).astype(np.uint8)
 
 
+GROUND_TRUTH = {"color": (255, 0, 0), "tint": 0.45}  # red, tinted
+REGIONS = {"color": (255, 255, 255), "tint": 0.0}  # white outline over the heatmap
+
+
 def panel(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None, title: str,
-          vmin: float, vmax: float) -> Image.Image:
+          vmin: float, vmax: float, regions: np.ndarray | None = None) -> Image.Image:
     """One row: image | ground truth (only when ``mask`` is given) | heatmap over the image, captioned.
 
     Args:
       image: ``[h, w, 3]`` ImageNet-normalised float32 (as scored).
       anomaly_map: ``[h, w]``.
-      mask: ``[h, w]`` bool or None.
+      mask: ``[h, w]`` bool or None: ground truth, tinted and outlined in red.
+      regions: ``[h, w]`` bool or None: predicted defect regions, outlined in white on the heatmap.
     """
     img = to_uint8_image(image)
     h = img.shape[0]
     gap = np.full((h, 4, 3), 255, np.uint8)
-    gt = [mask_outline(img, mask), gap] if mask is not None else []
-    row = np.concatenate([img, gap, *gt, overlay(img, anomaly_map, vmin, vmax)], axis=1)
+    gt = [outline(img, mask, **GROUND_TRUTH), gap] if mask is not None else []
+    heat = overlay(img, anomaly_map, vmin, vmax)
+    if regions is not None:
+        heat = outline(heat, regions, **REGIONS)
+    row = np.concatenate([img, gap, *gt, heat], axis=1)
     canvas = Image.new("RGB", (row.shape[1], h + 18), "white")
     canvas.paste(Image.fromarray(row), (0, 18))
     draw = ImageDraw.Draw(canvas)

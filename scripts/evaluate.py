@@ -13,6 +13,12 @@ It prints one table row per category and the mean (image AUROC, pixel AUROC, AU-
 pixel F1-max, K, seconds) and writes O/results.json, O/results.csv, O/report.html and, per
 category, O/<category>/{model.npz, scores.csv, result.json, overlays/*.png[, maps/<type>/<name>.npy]}.
 Finished categories are skipped on a rerun unless --overwrite.
+An unreadable image stops the run with one line naming it, e.g.
+  error: image file D/bottle/test/good/001.png: cannot decode (UnidentifiedImageError: cannot identify
+  image file). Remove or replace the file. Or pass --skip_bad_images to skip it (it is then listed as skipped).
+With --skip_bad_images, unreadable test images are left out of the metrics, listed in scores.csv
+with status "skipped: <reason>" and in result.json's skipped_images, and counted in a printed line
+("bottle: 1 unreadable test images skipped (...)"). Training images cannot be skipped.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def main(argv):
     del argv
-    from protoad_jax import Config, data, demo, evaluation, xla_cpu
+    from protoad_jax import Config, demo, evaluation, xla_cpu
 
     xla_cpu.tune()  # before any JAX computation
 
@@ -76,11 +82,7 @@ def main(argv):
                     normalize_prototypes=FLAGS.normalize_prototypes, dtype=FLAGS.dtype)
     backbone = evaluation.resolve_backbone(FLAGS.weights, config.arch, demo=FLAGS.demo,
                                            allow_random=FLAGS.allow_random_weights)
-    try:
-        return _run_all(dataset, data_dir, out, config, backbone)
-    except (data.DatasetError, data.BadImageError) as e:  # expected, explained errors: no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return _run_all(dataset, data_dir, out, config, backbone)
 
 
 def _max_patches(text: str):
@@ -108,6 +110,9 @@ def _run_all(dataset, data_dir, out, config, backbone):
             save_raw_maps=FLAGS.save_raw_maps, skip_bad_images=FLAGS.skip_bad_images,
             num_overlays=FLAGS.num_overlays, progress=FLAGS.progress,
             tfds_data_dir=FLAGS.tfds_data_dir, tfds_manual_dir=FLAGS.tfds_manual_dir))
+        if results[-1]["skipped_images"]:
+            print(f"{name}: {len(results[-1]['skipped_images'])} unreadable test images skipped "
+                  f"(status column of {out / name / 'scores.csv'})", flush=True)
     summary = evaluation.summarize(results, out, evaluation.settings(config, backbone.description),
                                    backbone.warnings)
     for w in backbone.warnings:
@@ -118,4 +123,6 @@ def _run_all(dataset, data_dir, out, config, backbone):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    sys.exit(app.run(main))
+    from protoad_jax import cli
+
+    sys.exit(app.run(cli.clean_errors(main)))

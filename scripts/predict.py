@@ -1,12 +1,22 @@
-"""Score new images with a fitted model: a CSV of scores and decisions, and a heatmap per image.
+"""Score new images with a fitted model: a CSV of scores and decisions, heatmaps, defect regions.
 
 Commands:
   python scripts/predict.py --model=runs/mvtec/bottle/model.npz --input=/data/new_bottles --output_dir=pred
   python scripts/predict.py --model=M.npz --input=DIR --output_dir=O --calibrate_dir=/data/known_good
   python scripts/predict.py --model=M.npz --input=one.png --output_dir=O --threshold=0.31
+  python scripts/predict.py --model=M.npz --input=DIR --output_dir=O --skip_bad_images
 
-Writes O/predictions.csv (path, score, anomalous yes/no, or "unknown" when no threshold is set)
-and O/overlays/<name>.png (image | heatmap over the image). Prints one line per image and a count.
+Prints one line per input file and a summary (a = anomalous, n = scored, k = skipped):
+  <score>  <yes|no|unknown>  /data/new_bottles/003.png
+  skipped: cannot decode (UnidentifiedImageError: cannot identify image file)  /data/new_bottles/bad.png
+  <a> of <n> scored images anomalous; <k> skipped; wrote pred/predictions.csv, pred/regions.json, pred/overlays/, pred/masks/
+Writes (protoad_jax/prediction.py): O/predictions.csv (path, status ok / skipped: <reason>, score,
+anomalous yes/no, or "unknown" when no threshold is set, number of regions), O/overlays/<name>.png
+(image | heatmap with the defect regions outlined), and per anomalous image O/masks/<name>.png (the
+defect mask at the original image size) and an entry in O/regions.json (8-connected regions with
+area, bounding box, peak score and centroid in original pixel coordinates; pixels outside the
+center crop the model sees are not scored). An unreadable image stops the run with one line
+naming it, unless --skip_bad_images.
 Threshold rule with --calibrate_dir: the --calibrate_quantile (default 0.99) quantile of the
 image scores of the normal images in that folder (numpy linear interpolation); an image is
 anomalous when its score is above it. The threshold and its rule are saved into the model file,
@@ -15,8 +25,6 @@ so later runs without --threshold use it.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import sys
 from pathlib import Path
@@ -26,7 +34,8 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model .npz written by fit()/evaluate.py.", required=True)
 flags.DEFINE_string("input", None, "An image file or a folder of images (searched recursively).", required=True)
-flags.DEFINE_string("output_dir", None, "Where predictions.csv and overlays/ go.", required=True)
+flags.DEFINE_string("output_dir", None, "Where predictions.csv, regions.json, overlays/ and masks/ go.",
+                    required=True)
 flags.DEFINE_float("threshold", None, "Image-score threshold (overrides the model's).")
 flags.DEFINE_string("calibrate_dir", None, "Folder of normal images: set the threshold from them and save it.")
 flags.DEFINE_float("calibrate_quantile", 0.99, "Quantile of the normal scores used as threshold.")
@@ -39,7 +48,7 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def main(argv):
     del argv
-    from protoad_jax import data, evaluation, fileio, load_model, pipeline, report, xla_cpu
+    from protoad_jax import data, evaluation, load_model, pipeline, prediction, xla_cpu
 
     xla_cpu.tune()  # before any JAX computation
 
@@ -54,34 +63,23 @@ def main(argv):
         threshold, rule = pipeline.calibrate_threshold(scored.scores, FLAGS.calibrate_quantile)
         model = model.with_threshold(threshold, f"{rule} ({FLAGS.calibrate_dir})")
         model.save(model_path)
-        print(f"threshold {threshold:.6f} = {rule}; saved into {model_path}")
+        print(f"threshold {threshold:.6f} = {rule}; {len(scored.skipped)} skipped; saved into {model_path}")
     threshold = FLAGS.threshold if FLAGS.threshold is not None else model.threshold
     if threshold is None:
         print("no threshold is set: pass --threshold=T or --calibrate_dir=NORMAL_DIR; "
               "predictions.csv says 'unknown'", file=sys.stderr)
-    root = Path(FLAGS.input)
-    paths = data.find_images(root)
+    paths = data.find_images(FLAGS.input)
     scored = pipeline.score_images(model, paths, net.variables, **kw)
-    vmin, vmax = float(scored.maps.min()), float(scored.maps.max())
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "score", "anomalous"])
-    flagged = 0
-    for p, score, m in zip(scored.inputs, scored.scores, scored.maps):
-        verdict = "unknown" if threshold is None else ("yes" if score > threshold else "no")
-        flagged += verdict == "yes"
-        writer.writerow([str(p), f"{score:.6f}", verdict])
-        print(f"{score:.6f}  {verdict:7s}  {p}")
-        image = data.preprocess_image(p, model.config.resize, model.config.image_size)
-        title = f"{Path(p).name} score {score:.4f}" + ("" if threshold is None else f" ({verdict}, t={threshold:.4f})")
-        name = Path(p).relative_to(root).with_suffix("").as_posix().replace("/", "__") if root.is_dir() \
-            else Path(p).stem
-        report.save_png(report.panel(image, m, None, title, vmin, vmax), out / "overlays" / f"{name}.png")
-    fileio.atomic_write(out / "predictions.csv", lambda f: f.write(buf.getvalue()), mode="w")
-    print(f"{flagged} of {len(scored.inputs)} images anomalous; wrote {out / 'predictions.csv'} and "
-          f"{out / 'overlays'}/")
+    summary = prediction.write_predictions(out, paths, scored, threshold, root=FLAGS.input,
+                                           resize=model.config.resize, crop=model.config.image_size)
+    for r in summary.rows:
+        print(r.line())
+    print(f"{summary.line()}; wrote {out / 'predictions.csv'}, {out / 'regions.json'}, {out / 'overlays'}/, "
+          f"{out / 'masks'}/")
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    sys.exit(app.run(main))
+    from protoad_jax import cli
+
+    sys.exit(app.run(cli.clean_errors(main)))

@@ -146,9 +146,11 @@ def test_bad_image_errors_name_the_file(tmp_path):
     for path in (corrupt, truncated, tmp_path / "missing.png"):
         with pytest.raises(data.BadImageError) as e:
             data.preprocess_image(path)
-        print("bad image error:", e.value)
-        assert str(path) in str(e.value) and "--skip_bad_images" in str(e.value)
-        assert isinstance(e.value, ValueError)
+        print("bad image error:", e.value, "| reason:", e.value.reason)
+        assert str(path) in str(e.value) and "Remove or replace the file" in str(e.value)
+        assert "--" not in str(e.value), "library errors do not name command-line flags"
+        assert e.value.path == path and e.value.reason and str(path) not in e.value.reason
+        assert not e.value.skippable and isinstance(e.value, ValueError)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -316,7 +318,9 @@ def test_batched_order_padding_and_skip(tmp_path):
         list(data.batched(mixed, 4, resize=32, crop=28, num_threads=3))
     stream = data.batched(mixed, 4, resize=32, crop=28, num_threads=3, skip_bad=True)
     batches = list(stream)
-    assert stream.skipped == [corrupt, tmp_path / "gone.png"]
+    assert [s.path for s in stream.skipped] == [corrupt, tmp_path / "gone.png"]
+    assert stream.skipped[1].reason == "file does not exist", stream.skipped
+    assert stream.skipped[0].reason.startswith("cannot decode"), stream.skipped
     assert [b.num_valid for b in batches] == [4, 4, 1]  # batches stay full
     assert [p for b in batches for p in b.paths] == paths[:9]
     np.testing.assert_array_equal(np.concatenate([b.images[:b.num_valid] for b in batches]),

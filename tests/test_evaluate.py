@@ -42,7 +42,9 @@ def _tiny_mvtec(root: Path) -> Path:
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # This checkout's protoad_jax, not whichever copy is pip-installed.
+    path = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
     res = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args, "--noprogress"],
                          capture_output=True, text=True, env=env, timeout=900, check=False)
     print(res.stdout[-3000:], res.stderr[-3000:])
@@ -130,6 +132,7 @@ def test_evaluate_cli_resume_and_predict(tmp_path, weights_npz):
             "--max_patches=10000", "--num_overlays=1"]
     first = _run("evaluate.py", *args)
     assert first.returncode == 1 and "000.png" in first.stderr and "Traceback" not in first.stderr
+    assert "--skip_bad_images" not in first.stderr  # training images cannot be skipped
     assert (out / "demo_object" / "result.json").exists()
     assert not (out / "demo_texture" / "result.json").exists()
     stamp = (out / "demo_object" / "result.json").stat().st_mtime_ns
@@ -175,3 +178,72 @@ def test_evaluate_cli_resume_and_predict(tmp_path, weights_npz):
     assert all(flagged_bad), flagged_bad
     assert sum(flagged_good) <= 1, flagged_good
     assert len(list((tmp_path / "pred" / "overlays").glob("*.png"))) == len(rows) == 8
+    # Each flagged stain has a defect region over the stain (its centre inside the region's box).
+    found = {e["path"]: e for e in json.loads((tmp_path / "pred" / "regions.json").read_text())["images"]}
+    for i in range(4):
+        entry = found[str(inputs / "stain" / f"{i}.png")]
+        print(f"stain {i} at (150, {100 + 10 * i}): regions", [(r["box"], r["peak"]) for r in entry["regions"]])
+        assert any(r["box"][0] <= 150 < r["box"][2] and r["box"][1] <= 100 + 10 * i < r["box"][3]
+                   for r in entry["regions"]), entry["regions"]
+        assert Image.open(tmp_path / "pred" / entry["mask"]).size == (256, 256)
+
+
+def test_predict_cli_bad_image_skip_and_regions(tmp_path, weights_npz, net):
+    """predict.py on non-square images and one unreadable file: without --skip_bad_images one clean
+    error line names the file and the flag, and nothing is written; with it, the file is a
+    "skipped" row and counted. A threshold below every score makes each image's one region its
+    whole crop window, so the regions and masks are checked through the command line."""
+    from protoad_jax import pipeline, regions
+
+    train = demo.make_demo_dataset(tmp_path / "data", seed=3, n_train=4, n_test_good=0, n_test_bad=0,
+                                   size=128, categories=("demo_object",))
+    model = pipeline.fit(sorted((train / "demo_object" / "train" / "good").glob("*.png")), str(weights_npz),
+                         config=FAST, variables=net.variables, progress=False)
+    model.save(tmp_path / "model.npz")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sizes = {"a_wide.png": (300, 200), "b_tall.png": (200, 300), "d_square.png": (160, 160)}
+    for i, (name, (w, h)) in enumerate(sizes.items()):
+        img = demo.demo_sample("demo_object", "good", i, seed=21, size=max(w, h)).image[:h, :w]
+        Image.fromarray(np.ascontiguousarray(img)).save(inputs / name)
+    bad = inputs / "c_broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    args = [f"--model={tmp_path / 'model.npz'}", f"--input={inputs}", "--threshold=-1", "--batch_size=4"]
+
+    fail = _run("predict.py", *args, f"--output_dir={tmp_path / 'o1'}")
+    lines = fail.stderr.strip().splitlines()
+    assert fail.returncode == 1 and "Traceback" not in fail.stderr, fail.stderr
+    assert lines[-1].startswith("error: image file " + str(bad)) and "--skip_bad_images" in lines[-1]
+    assert not (tmp_path / "o1" / "predictions.csv").exists()
+
+    ok = _run("predict.py", *args, f"--output_dir={tmp_path / 'o2'}", "--skip_bad_images")
+    assert ok.returncode == 0
+    assert "3 of 3 scored images anomalous; 1 skipped" in ok.stdout
+    with open(tmp_path / "o2" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [str(inputs / n) for n in sorted([*sizes, bad.name])]
+    assert [r["status"].split(":")[0] for r in rows] == ["ok", "ok", "skipped", "ok"], rows
+    assert rows[2]["score"] == "" and rows[2]["status"].startswith("skipped: cannot decode")
+    doc = json.loads((tmp_path / "o2" / "regions.json").read_text())
+    assert len(doc["images"]) == 3 and doc["threshold"] == -1.0
+    for entry in doc["images"]:
+        w, h = sizes[Path(entry["path"]).name]
+        box = list(regions.crop_window(w, h, FAST.resize, FAST.image_size).box)
+        assert entry["image_size"] == [w, h] and entry["crop_box"] == box
+        assert [r["box"] for r in entry["regions"]] == [box], entry
+        mask = np.asarray(Image.open(tmp_path / "o2" / entry["mask"]))
+        assert mask.shape == (h, w) and (mask[box[1]:box[3], box[0]:box[2]] == 255).all()
+        assert mask.sum() == 255 * (box[2] - box[0]) * (box[3] - box[1])
+
+
+def test_error_line_names_the_flag_only_where_skipping_applies():
+    from protoad_jax import cli
+
+    e = data.BadImageError("image file x.png: cannot decode. Remove or replace the file.", "x.png")
+    assert cli.error_line(e) == f"error: {e}"
+    e.skippable = True
+    assert cli.error_line(e).startswith(f"error: {e}") and "--skip_bad_images" in cli.error_line(e)
+    wrapped = cli.clean_errors(lambda argv: (_ for _ in ()).throw(data.DatasetError("no images")))
+    assert wrapped([]) == 1
+    with pytest.raises(KeyError):  # not an input problem: a traceback
+        cli.clean_errors(lambda argv: {}["x"])([])

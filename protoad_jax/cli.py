@@ -1,0 +1,40 @@
+"""What the command-line scripts share: expected input errors as one clean line, not a traceback.
+
+Library errors say what is wrong and how to fix the data; only here are they given the scripts'
+flags (``--skip_bad_images``), so the library never names a command-line option.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+from protoad_jax import data
+
+# Problems with the user's inputs, explained in their message; anything else is a bug: traceback.
+EXPECTED_ERRORS = (data.DatasetError, data.BadImageError)
+
+
+def error_line(e: Exception) -> str:
+    """``"error: <message>"``, plus the flag that skips the file when skipping applies."""
+    line = f"error: {e}"
+    if isinstance(e, data.BadImageError) and e.skippable:
+        line += " Or pass --skip_bad_images to skip it (it is then listed as skipped)."
+    return line
+
+
+def clean_errors(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int | None]:
+    """Wraps an absl ``main``: an ``EXPECTED_ERRORS`` prints ``error_line`` on stderr and exits 1.
+
+    Usage: ``sys.exit(app.run(cli.clean_errors(main)))``.
+    """
+    @functools.wraps(main)
+    def wrapped(argv: list[str]) -> int | None:
+        try:
+            return main(argv)
+        except EXPECTED_ERRORS as e:
+            print(error_line(e), file=sys.stderr)
+            return 1
+
+    return wrapped
