@@ -4,6 +4,7 @@ Commands:
   python scripts/predict.py --model=runs/mvtec/bottle/model.npz --input=/data/new_bottles --output_dir=pred
   python scripts/predict.py --model=M.npz --input=DIR --output_dir=O --calibrate_dir=/data/known_good
   python scripts/predict.py --model=M.npz --input=one.png --output_dir=O --threshold=0.31
+  python scripts/predict.py --exported=D --input=DIR --output_dir=O   # a scripts/export.py directory
 
 Writes O/predictions.csv (path, score, anomalous yes/no, or "unknown" when no threshold is set)
 and O/overlays/<name>.png (image | heatmap over the image). Prints one line per image and a count.
@@ -11,6 +12,9 @@ Threshold rule with --calibrate_dir: the --calibrate_quantile (default 0.99) qua
 image scores of the normal images in that folder (numpy linear interpolation); an image is
 anomalous when its score is above it. The threshold and its rule are saved into the model file,
 so later runs without --threshold use it.
+With --exported=D (instead of --model) the images are decoded and preprocessed with the
+constants in D/manifest.json and scored by the exported artifact, without Flax; the threshold is
+the manifest's unless --threshold is given (--calibrate_dir needs --model).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from pathlib import Path
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Model .npz written by fit()/evaluate.py.", required=True)
+flags.DEFINE_string("model", None, "Model .npz written by fit()/evaluate.py (or pass --exported).")
+flags.DEFINE_string("exported", None, "Directory written by scripts/export.py (instead of --model).")
 flags.DEFINE_string("input", None, "An image file or a folder of images (searched recursively).", required=True)
 flags.DEFINE_string("output_dir", None, "Where predictions.csv and overlays/ go.", required=True)
 flags.DEFINE_float("threshold", None, "Image-score threshold (overrides the model's).")
@@ -39,14 +44,56 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def main(argv):
     del argv
-    from protoad_jax import data, evaluation, fileio, load_model, pipeline, report, xla_cpu
+    from protoad_jax import data, fileio, report, xla_cpu
 
     xla_cpu.tune()  # before any JAX computation
+    if (FLAGS.model is None) == (FLAGS.exported is None):
+        raise app.UsageError("pass exactly one of --model=M.npz and --exported=DIR")
+    scored, threshold, config = _score_exported() if FLAGS.exported else _score_model()
+    out = Path(FLAGS.output_dir)
+    root = Path(FLAGS.input)
+    vmin, vmax = float(scored.maps.min()), float(scored.maps.max())
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "score", "anomalous"])
+    flagged = 0
+    for p, score, m in zip(scored.inputs, scored.scores, scored.maps):
+        verdict = "unknown" if threshold is None else ("yes" if score > threshold else "no")
+        flagged += verdict == "yes"
+        writer.writerow([str(p), f"{score:.6f}", verdict])
+        print(f"{score:.6f}  {verdict:7s}  {p}")
+        image = data.preprocess_image(p, config.resize, config.image_size)
+        title = f"{Path(p).name} score {score:.4f}" + ("" if threshold is None else f" ({verdict}, t={threshold:.4f})")
+        name = Path(p).relative_to(root).with_suffix("").as_posix().replace("/", "__") if root.is_dir() \
+            else Path(p).stem
+        report.save_png(report.panel(image, m, None, title, vmin, vmax), out / "overlays" / f"{name}.png")
+    fileio.atomic_write(out / "predictions.csv", lambda f: f.write(buf.getvalue()), mode="w")
+    print(f"{flagged} of {len(scored.inputs)} images anomalous; wrote {out / 'predictions.csv'} and "
+          f"{out / 'overlays'}/")
+
+
+def _score_exported():
+    """Scores --input with the artifact in --exported; no Flax, no fitting code."""
+    from protoad_jax import Config, data, export
+
+    if FLAGS.calibrate_dir or FLAGS.weights:
+        raise app.UsageError("--calibrate_dir and --weights need --model; an exported scorer carries "
+                             "its weights, and its threshold is set at export time (or pass --threshold)")
+    scorer, manifest = export.load_exported(FLAGS.exported)
+    threshold = FLAGS.threshold if FLAGS.threshold is not None else manifest["threshold"]["value"]
+    if threshold is None:
+        print("no threshold is set: pass --threshold=T; predictions.csv says 'unknown'", file=sys.stderr)
+    scored = export.score_files(scorer, manifest, data.find_images(FLAGS.input), batch_size=FLAGS.batch_size,
+                                progress=FLAGS.progress, skip_bad=FLAGS.skip_bad_images)
+    return scored, threshold, Config(**manifest["config"])
+
+
+def _score_model():
+    from protoad_jax import data, evaluation, load_model, pipeline
 
     model_path = Path(FLAGS.model)
     model = load_model(model_path)
     net = evaluation.backbone_for_model(model, FLAGS.weights, allow_random=FLAGS.allow_random_weights)
-    out = Path(FLAGS.output_dir)
     kw = {"batch_size": FLAGS.batch_size, "progress": FLAGS.progress, "skip_bad": FLAGS.skip_bad_images}
     if FLAGS.calibrate_dir:
         normal = data.find_images(FLAGS.calibrate_dir)
@@ -59,27 +106,8 @@ def main(argv):
     if threshold is None:
         print("no threshold is set: pass --threshold=T or --calibrate_dir=NORMAL_DIR; "
               "predictions.csv says 'unknown'", file=sys.stderr)
-    root = Path(FLAGS.input)
-    paths = data.find_images(root)
-    scored = pipeline.score_images(model, paths, net.variables, **kw)
-    vmin, vmax = float(scored.maps.min()), float(scored.maps.max())
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "score", "anomalous"])
-    flagged = 0
-    for p, score, m in zip(scored.inputs, scored.scores, scored.maps):
-        verdict = "unknown" if threshold is None else ("yes" if score > threshold else "no")
-        flagged += verdict == "yes"
-        writer.writerow([str(p), f"{score:.6f}", verdict])
-        print(f"{score:.6f}  {verdict:7s}  {p}")
-        image = data.preprocess_image(p, model.config.resize, model.config.image_size)
-        title = f"{Path(p).name} score {score:.4f}" + ("" if threshold is None else f" ({verdict}, t={threshold:.4f})")
-        name = Path(p).relative_to(root).with_suffix("").as_posix().replace("/", "__") if root.is_dir() \
-            else Path(p).stem
-        report.save_png(report.panel(image, m, None, title, vmin, vmax), out / "overlays" / f"{name}.png")
-    fileio.atomic_write(out / "predictions.csv", lambda f: f.write(buf.getvalue()), mode="w")
-    print(f"{flagged} of {len(scored.inputs)} images anomalous; wrote {out / 'predictions.csv'} and "
-          f"{out / 'overlays'}/")
+    paths = data.find_images(FLAGS.input)
+    return pipeline.score_images(model, paths, net.variables, **kw), threshold, model.config
 
 
 if __name__ == "__main__":
