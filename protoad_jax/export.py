@@ -480,7 +480,7 @@ def load_exported(directory: str | os.PathLike) -> tuple[Callable[[Any], tuple[j
                           f"runs {lo}..{hi}: {why}")
     try:
         exported = jax_export.deserialize(bytearray(artifact.read_bytes()))
-    except Exception as e:  # noqa: BLE001 - flatbuffers/MLIR raise many types; all mean "cannot read"
+    except Exception as e:  # flatbuffers, struct, MLIR: many types, all meaning "cannot read"
         why = (f"{advice}; if jax is not the cause, the file is damaged: {fix}" if advice else
                f"it was written by this same jax version, so the file is damaged or is not a "
                f"jax.export artifact: {fix}")
