@@ -22,6 +22,7 @@ peak memory when this was measured (see the README, section "Export").
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,9 @@ import numpy as np
 from jax import export as jax_export
 
 from protoad_jax.config import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    from protoad_jax.pipeline import Model
 
 ARTIFACT = "scorer.jaxexport"
 WEIGHTS = "weights.npz"
@@ -143,7 +147,7 @@ def _versions() -> dict[str, str]:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def export_scorer(model: Any, variables: dict | None, output_dir: str | os.PathLike, *,
+def export_scorer(model: Model, variables: dict | None, output_dir: str | os.PathLike, *,
                   platforms: Sequence[str] | None = None, batch_size: int | None = None,
                   chunk_size: int | None = None) -> Path:
     """Writes ``model``'s whole scoring path as a portable directory (see the module docstring).
@@ -218,10 +222,8 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _manifest(model: Any, exported: jax_export.Exported, folder: Path, *, chunk_size: int | None,
+def _manifest(model: Model, exported: jax_export.Exported, folder: Path, *, chunk_size: int | None,
               folded: bool) -> dict[str, Any]:
-    import dataclasses
-
     image = exported.in_avals[-1]
     maps, scores = exported.out_avals
     config = model.config
@@ -234,8 +236,9 @@ def _manifest(model: Any, exported: jax_export.Exported, folder: Path, *, chunk_
             "weights": {"name": WEIGHTS, "bytes": (folder / WEIGHTS).stat().st_size,
                         "sha256": _sha256(folder / WEIGHTS)},
         },
-        "call": "scorer.call(weights, images): weights = dict(np.load(weights.npz)), the arrays "
-                "by name; images as `input`; returns (maps, scores) as `outputs`",
+        "call": "jax.export.deserialize(bytearray(<scorer.jaxexport bytes>)).call(weights, images) "
+                "with weights = dict(np.load('weights.npz')) and images as `input`; returns "
+                "(maps, scores) as `outputs`. protoad_jax.load_exported(dir) does this after its checks.",
         "input": {"shape": _dims(image.shape), "dtype": str(image.dtype),
                   "layout": "NHWC, RGB, preprocessed as `preprocessing` says"},
         "outputs": {
