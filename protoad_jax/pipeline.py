@@ -29,7 +29,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from protoad_jax import backbone, data, features, finch, kmeans, scoring
+# backbone (Flax) is imported where the backbone is traced or loaded, so that `import protoad_jax`
+# and protoad_jax.load_exported never import Flax (tests/test_export.py checks it).
+from protoad_jax import data, features, finch, kmeans, scoring
 from protoad_jax.config import EMBED_CHANNELS, EMBED_LAYERS, Config
 from protoad_jax.fileio import atomic_write
 from protoad_jax.progress import Progress
@@ -179,6 +181,8 @@ def _embed_batch(arch: str, dtype: str, variables: dict, images: jax.Array) -> j
     Variables without ``batch_stats`` are BatchNorm-folded (``backbone.fold_batchnorm``); the
     choice is made from the pytree structure at trace time.
     """
+    from protoad_jax import backbone
+
     net = backbone.ResNet(arch=arch, dtype=_dtype(dtype), folded="batch_stats" not in variables)
     feats = net.apply(variables, images)
     return jax.vmap(features.embed)({k: feats[k] for k in EMBED_LAYERS})
@@ -320,6 +324,7 @@ def load_backbone(weights: str | os.PathLike, arch: str = "wide_resnet50_2", *, 
     (``backbone.fold_batchnorm``): one op fewer per conv, same function within float32 rounding.
     The ``.npz`` itself keeps the unfused tensors.
     """
+    from protoad_jax import backbone
     from protoad_jax import weights as weights_lib
 
     variables = weights_lib.load_variables(weights, arch=arch, last_stage="layer3")

@@ -5,6 +5,7 @@ Commands:
   python scripts/predict.py --model=M.npz --input=DIR --output_dir=O --calibrate_dir=/data/known_good
   python scripts/predict.py --model=M.npz --input=one.png --output_dir=O --threshold=0.31
   python scripts/predict.py --model=M.npz --input=DIR --output_dir=O --skip_bad_images
+  python scripts/predict.py --exported=D --input=DIR --output_dir=O   # a scripts/export.py directory
 
 Prints one line per input file and a summary (a = anomalous, n = scored, k = skipped):
   <score>  <yes|no|unknown>  /data/new_bottles/003.png
@@ -21,6 +22,9 @@ Threshold rule with --calibrate_dir: the --calibrate_quantile (default 0.99) qua
 image scores of the normal images in that folder (numpy linear interpolation); an image is
 anomalous when its score is above it. The threshold and its rule are saved into the model file,
 so later runs without --threshold use it.
+With --exported=D (instead of --model) the images are decoded and preprocessed with the
+constants in D/manifest.json and scored by the exported artifact, without Flax; the threshold is
+the manifest's unless --threshold is given (--calibrate_dir needs --model).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from pathlib import Path
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Model .npz written by fit()/evaluate.py.", required=True)
+flags.DEFINE_string("model", None, "Model .npz written by fit()/evaluate.py (or pass --exported).")
+flags.DEFINE_string("exported", None, "Directory written by scripts/export.py (instead of --model).")
 flags.DEFINE_string("input", None, "An image file or a folder of images (searched recursively).", required=True)
 flags.DEFINE_string("output_dir", None, "Where predictions.csv, regions.json, overlays/ and masks/ go.",
                     required=True)
@@ -48,14 +53,44 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def main(argv):
     del argv
-    from protoad_jax import data, evaluation, load_model, pipeline, prediction, xla_cpu
+    from protoad_jax import data, prediction, xla_cpu
 
     xla_cpu.tune()  # before any JAX computation
+    if (FLAGS.model is None) == (FLAGS.exported is None):
+        raise app.UsageError("pass exactly one of --model=M.npz and --exported=DIR")
+    paths = data.find_images(FLAGS.input)
+    scored, threshold, config = _score_exported(paths) if FLAGS.exported else _score_model(paths)
+    out = Path(FLAGS.output_dir)
+    summary = prediction.write_predictions(out, paths, scored, threshold, root=FLAGS.input,
+                                           resize=config.resize, crop=config.image_size)
+    for r in summary.rows:
+        print(r.line())
+    print(f"{summary.line()}; wrote {out / 'predictions.csv'}, {out / 'regions.json'}, {out / 'overlays'}/, "
+          f"{out / 'masks'}/")
+
+
+def _score_exported(paths):
+    """Scores ``paths`` with the artifact in --exported; no Flax, no fitting code."""
+    from protoad_jax import Config, export
+
+    if FLAGS.calibrate_dir or FLAGS.weights:
+        raise app.UsageError("--calibrate_dir and --weights need --model; an exported scorer carries "
+                             "its weights, and its threshold is set at export time (or pass --threshold)")
+    scorer, manifest = export.load_exported(FLAGS.exported)
+    threshold = FLAGS.threshold if FLAGS.threshold is not None else manifest["threshold"]["value"]
+    if threshold is None:
+        print("no threshold is set: pass --threshold=T; predictions.csv says 'unknown'", file=sys.stderr)
+    scored = export.score_files(scorer, manifest, paths, batch_size=FLAGS.batch_size,
+                                progress=FLAGS.progress, skip_bad=FLAGS.skip_bad_images)
+    return scored, threshold, Config(**manifest["config"])
+
+
+def _score_model(paths):
+    from protoad_jax import data, evaluation, load_model, pipeline
 
     model_path = Path(FLAGS.model)
     model = load_model(model_path)
     net = evaluation.backbone_for_model(model, FLAGS.weights, allow_random=FLAGS.allow_random_weights)
-    out = Path(FLAGS.output_dir)
     kw = {"batch_size": FLAGS.batch_size, "progress": FLAGS.progress, "skip_bad": FLAGS.skip_bad_images}
     if FLAGS.calibrate_dir:
         normal = data.find_images(FLAGS.calibrate_dir)
@@ -68,14 +103,7 @@ def main(argv):
     if threshold is None:
         print("no threshold is set: pass --threshold=T or --calibrate_dir=NORMAL_DIR; "
               "predictions.csv says 'unknown'", file=sys.stderr)
-    paths = data.find_images(FLAGS.input)
-    scored = pipeline.score_images(model, paths, net.variables, **kw)
-    summary = prediction.write_predictions(out, paths, scored, threshold, root=FLAGS.input,
-                                           resize=model.config.resize, crop=model.config.image_size)
-    for r in summary.rows:
-        print(r.line())
-    print(f"{summary.line()}; wrote {out / 'predictions.csv'}, {out / 'regions.json'}, {out / 'overlays'}/, "
-          f"{out / 'masks'}/")
+    return pipeline.score_images(model, paths, net.variables, **kw), threshold, model.config
 
 
 if __name__ == "__main__":

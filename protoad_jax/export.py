@@ -1,0 +1,574 @@
+"""A portable scorer: the whole scoring path as a ``jax.export`` artifact that runs without Flax.
+
+``export_scorer(model, variables, D)`` writes the directory ``D``:
+
+  ``scorer.jaxexport``: the serialized ``jax.export.Exported`` of
+      ``(weights {name: [...]}, images [b, s, s, 3] float32) -> (maps [b, s, s], scores [b])``,
+      the jitted region ``make_scorer`` runs (backbone -> embedding -> head), lowered for the
+      platforms asked; ``b`` is symbolic unless a batch size is given;
+  ``weights.npz``: its first argument, the backbone variables as given (keys joined by ``/``:
+      ``"params/conv1/kernel"``, ...) and ``"prototypes"`` ``[k, 1792]`` float32;
+  ``manifest.json``: input shape and dtype, preprocessing constants, threshold and its rule,
+      every ``Config`` setting, package and jax versions, platforms, the sha256 of both files.
+
+The directory appears complete or not at all (written under a temporary name, then renamed).
+``load_exported(D)`` checks every file against the manifest and the manifest against the
+artifact, and returns ``(scorer, manifest)``; it imports neither Flax nor the fitting code.
+
+The weights travel as an argument rather than as constants inside the artifact: both give the
+same numbers, but with the weights as constants XLA compiled markedly slower and with a larger
+peak memory when this was measured (see the README, section "Export").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import export as jax_export
+
+from protoad_jax.config import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    from protoad_jax.pipeline import Model
+
+ARTIFACT = "scorer.jaxexport"
+WEIGHTS = "weights.npz"
+MANIFEST = "manifest.json"
+FORMAT = "protoad_jax exported scorer"
+FORMAT_VERSION = 1
+PLATFORMS = ("cpu", "cuda", "tpu")
+PROTOTYPES = "prototypes"  # key of the prototypes in weights.npz
+BATCH_DIM = "b"  # name of the symbolic batch dimension
+
+
+class ExportError(ValueError):
+    """An export directory that cannot be written, read or trusted, or an input it cannot score.
+
+    The message names the file and says how to fix it.
+    """
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def default_platforms() -> tuple[str, ...]:
+    """The platform this process runs on (``jax.export.default_export_platform()``) plus cpu."""
+    return tuple(dict.fromkeys((jax_export.default_export_platform(), "cpu")))
+
+
+def _check_platforms(platforms: Sequence[str] | None) -> tuple[str, ...]:
+    if platforms is None:
+        platforms = default_platforms()
+    if isinstance(platforms, str):
+        platforms = (platforms,)
+    platforms = tuple(dict.fromkeys(platforms))
+    bad = [p for p in platforms if p not in PLATFORMS]
+    if bad or not platforms:
+        raise ValueError(f"platforms must be a non-empty subset of {PLATFORMS}; got {list(platforms)}")
+    return platforms
+
+
+def preprocessing(resize: int, crop: int) -> dict[str, Any]:
+    """The manifest's description of ``protoad_jax.preprocess_image(path, resize, crop)``."""
+    return {
+        "function": f"protoad_jax.preprocess_image(path, resize={resize}, crop={crop})",
+        "color": "RGB (PIL convert('RGB'); 16-bit grayscale rescaled to 8 bits first)",
+        "resize": resize,
+        "resize_rule": "shorter side to `resize`, longer side int(resize * long / short) "
+                       "(torchvision Resize(int)); skipped when the size already matches",
+        "interpolation": "LANCZOS",
+        "interpolation_library": "PIL Image.resize(size, Image.LANCZOS)",
+        "crop": crop,
+        "crop_rule": "center crop, offsets int(round((size - crop) / 2)) (torchvision CenterCrop)",
+        "scale": "uint8 / 255 in float32",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "formula": "(x / 255 - mean) / std per RGB channel, float32, HWC",
+    }
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for key, value in tree.items():
+        if "/" in str(key):
+            raise ValueError(f"variable name {key!r} contains '/', which weights.npz uses as separator")
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "/"))
+        else:
+            out[name] = np.asarray(value)
+    return out
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        *path, leaf = name.split("/")
+        node = tree
+        for key in path:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dims(shape: Sequence[Any]) -> list[int | str]:
+    """A shape for JSON: ints, and symbolic dimensions by name."""
+    return [int(d) if isinstance(d, (int, np.integer)) else str(d) for d in shape]
+
+
+def _versions() -> dict[str, str]:
+    import jaxlib
+
+    from protoad_jax import __version__
+
+    return {"protoad_jax": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def export_scorer(model: Model, variables: dict | None, output_dir: str | os.PathLike, *,
+                  platforms: Sequence[str] | None = None, batch_size: int | None = None,
+                  chunk_size: int | None = None) -> Path:
+    """Writes ``model``'s whole scoring path as a portable directory (see the module docstring).
+
+    ``load_exported(output_dir)`` then gives the same maps and scores as
+    ``make_scorer(model, variables)`` on the same backend, without Flax or the fitting code.
+
+    Args:
+      model: a fitted or loaded ``protoad_jax.Model``.
+      variables: backbone variables, as ``make_scorer`` takes them (BatchNorm-folded when they
+        come from ``pipeline.load_backbone``); None loads them from ``model.weights``.
+      output_dir: the directory to write. It must be new, empty, or an earlier export (which is
+        replaced); on any error nothing is left there or next to it.
+      platforms: any of ``"cpu"``, ``"cuda"``, ``"tpu"`` (lowered here; no accelerator needed);
+        default ``default_platforms()``, the current platform plus cpu.
+      batch_size: None: a symbolic batch dimension (any batch, one compile per batch size);
+        an int fixes the batch.
+      chunk_size: as ``make_scorer``; None = one prototype matmul.
+
+    Returns:
+      ``output_dir``.
+
+    Raises:
+      ValueError: bad prototypes, platforms, batch size or chunk size; no weights.
+      ExportError: ``output_dir`` exists and is not an export directory.
+    """
+    from protoad_jax import pipeline  # the fitting side: only exporting needs it
+
+    platforms = _check_platforms(platforms)
+    if batch_size is not None and (isinstance(batch_size, bool) or
+                                   not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None (symbolic), got {batch_size!r}")
+    out = Path(output_dir)
+    _check_target(out)
+    fn, variables, prototypes = pipeline._scoring_parts(model, variables, chunk_size, "export_scorer")
+    arrays = _flatten(variables)
+    if PROTOTYPES in arrays:
+        raise ValueError(f"backbone variables must not have a top-level {PROTOTYPES!r} entry")
+    arrays[PROTOTYPES] = np.asarray(prototypes, np.float32)
+
+    def scoring(weights: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        weights = dict(weights)
+        protos = weights.pop(PROTOTYPES)
+        res = fn(_unflatten(weights), protos, images)
+        return res.anomaly_map, res.score
+
+    size = model.config.image_size
+    shape = (jax_export.symbolic_shape(f"{BATCH_DIM}, {size}, {size}, 3") if batch_size is None
+             else (int(batch_size), size, size, 3))
+    specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in arrays.items()}
+    exported = jax_export.export(jax.jit(scoring), platforms=platforms)(
+        specs, jax.ShapeDtypeStruct(shape, jnp.float32))
+    blob = exported.serialize()
+
+    def write(tmp: Path) -> None:
+        (tmp / ARTIFACT).write_bytes(blob)
+        with open(tmp / WEIGHTS, "wb") as f:
+            np.savez(f, **arrays)
+        manifest = _manifest(model, exported, tmp, chunk_size=chunk_size,
+                             folded="batch_stats" not in variables)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+
+    _write_dir(out, write)
+    return out
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _manifest(model: Model, exported: jax_export.Exported, folder: Path, *, chunk_size: int | None,
+              folded: bool) -> dict[str, Any]:
+    image = exported.in_avals[-1]
+    maps, scores = exported.out_avals
+    config = model.config
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "files": {
+            "artifact": {"name": ARTIFACT, "bytes": (folder / ARTIFACT).stat().st_size,
+                         "sha256": _sha256(folder / ARTIFACT)},
+            "weights": {"name": WEIGHTS, "bytes": (folder / WEIGHTS).stat().st_size,
+                        "sha256": _sha256(folder / WEIGHTS)},
+        },
+        "call": "jax.export.deserialize(bytearray(<scorer.jaxexport bytes>)).call(weights, images) "
+                "with weights = dict(np.load('weights.npz')) and images as `input`; returns "
+                "(maps, scores) as `outputs`. protoad_jax.load_exported(dir) does this after its checks.",
+        "input": {"shape": _dims(image.shape), "dtype": str(image.dtype),
+                  "layout": "NHWC, RGB, preprocessed as `preprocessing` says"},
+        "outputs": {
+            "maps": {"shape": _dims(maps.shape), "dtype": str(maps.dtype),
+                     "meaning": "anomaly map per pixel of the crop (higher = more anomalous)"},
+            "scores": {"shape": _dims(scores.shape), "dtype": str(scores.dtype),
+                       "meaning": f"image anomaly score ({config.image_score})"},
+        },
+        "preprocessing": preprocessing(config.resize, config.image_size),
+        "threshold": {"value": model.threshold, "rule": model.info.get("threshold_rule"),
+                      "decision": "anomalous when score > value; null: no threshold was set"},
+        "config": dataclasses.asdict(config),
+        "model": {"num_prototypes": model.num_prototypes, "backbone_weights": model.weights,
+                  "batchnorm": "folded into the convolutions" if folded else "unfolded",
+                  "chunk_size": chunk_size, "info": model.info},
+        "jax_export": {
+            "platforms": list(exported.platforms),
+            "calling_convention_version": exported.calling_convention_version,
+            "batch": BATCH_DIM if isinstance(_dims(image.shape)[0], str) else int(image.shape[0]),
+            "nr_devices": exported.nr_devices,
+            "default_matmul_precision": jax.config.jax_default_matmul_precision,
+        },
+        "versions": _versions(),
+    }
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory; choose another --output")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
+        raise ExportError(f"{out} exists and is not an export directory (no {MANIFEST}); refusing to "
+                          "replace it. Choose a new or empty directory.")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_dir(out: Path, write: Callable[[Path], None]) -> None:
+    """Runs ``write(tmp)`` in a temporary directory next to ``out``, then renames it to ``out``.
+
+    An earlier export at ``out`` is moved aside first and deleted after the rename (restored if
+    the rename fails). On any failure the temporary directory is removed.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    old = None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        _check_target(out)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old)  # onto the empty directory mkdtemp made
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)
+                old = None
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+
+
+def _version_advice(written: str) -> str | None:
+    """What to do when this jax cannot run an artifact written by jax ``written``; None when
+    ``written`` is this very version (then the files, not the versions, are at fault)."""
+    found = jax.__version__
+    if _version_tuple(found) == _version_tuple(written):
+        return None
+    if _version_tuple(found) < _version_tuple(written):
+        return (f"the artifact was written by jax {written} and needs jax >= {written}, found "
+                f"{found}: pip install 'jax>={written}', or re-export it with jax {found}")
+    return (f"the artifact was written by jax {written}; this jax {found} no longer reads it: "
+            f"re-export it with jax {found}, or run it with jax {written}")
+
+
+def _read_manifest(folder: Path, fix: str) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: {folder} is not a complete export directory; {fix}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ExportError(f"{path} is not readable JSON ({type(e).__name__}: {e}); {fix}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExportError(f"{path} is not the manifest of a protoad_jax exported scorer "
+                          f"(format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                          f"expected {FORMAT!r}); {fix}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{path} has format version {manifest.get('format_version')!r}; this "
+                          f"protoad_jax reads version {FORMAT_VERSION}; {fix}")
+    try:
+        for key in ("artifact", "weights"):
+            entry = manifest["files"][key]
+            if not (isinstance(entry["name"], str) and isinstance(entry["bytes"], int)
+                    and isinstance(entry["sha256"], str)):
+                raise TypeError(f"files.{key}")
+        jx = manifest["jax_export"]
+        if not (isinstance(jx["platforms"], list) and isinstance(jx["calling_convention_version"], int)):
+            raise TypeError("jax_export")
+        for key in ("jax",):
+            if not isinstance(manifest["versions"][key], str):
+                raise TypeError(f"versions.{key}")
+        if not (isinstance(manifest["input"]["shape"], list) and isinstance(manifest["input"]["dtype"], str)):
+            raise TypeError("input")
+        for key in ("maps", "scores"):
+            if not isinstance(manifest["outputs"][key]["shape"], list):
+                raise TypeError(f"outputs.{key}")
+        if not isinstance(manifest["threshold"], dict):
+            raise TypeError("threshold")
+    except (KeyError, TypeError) as e:
+        raise ExportError(f"{path} lacks or mistypes the entry {e}; it was edited or written by "
+                          f"another tool; {fix}") from e
+    return manifest
+
+
+def _check_file(folder: Path, entry: dict[str, Any], fix: str) -> Path:
+    path = folder / entry["name"]
+    if entry["name"] not in (ARTIFACT, WEIGHTS):
+        raise ExportError(f"{folder / MANIFEST} names the file {entry['name']!r}; expected "
+                          f"{ARTIFACT} and {WEIGHTS}; {fix}")
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: the export directory is incomplete; {fix}")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise ExportError(f"{path} is {size} bytes but {MANIFEST} says {entry['bytes']}: the file was "
+                          f"truncated or replaced; {fix}")
+    digest = _sha256(path)
+    if digest != entry["sha256"]:
+        raise ExportError(f"{path} has sha256 {digest} but {MANIFEST} says {entry['sha256']}: the file "
+                          f"was edited or replaced; {fix}")
+    return path
+
+
+def _check_against_artifact(manifest: dict[str, Any], exported: jax_export.Exported,
+                            folder: Path, fix: str) -> tuple[dict, Any]:
+    """Raises ExportError where the manifest and the deserialized artifact disagree; returns the
+    artifact's weight avals ``{name: aval}`` and its image aval."""
+    where = f"{folder / MANIFEST} does not match {folder / ARTIFACT}"
+    try:
+        (weights, image), kwargs = jax.tree_util.tree_unflatten(exported.in_tree, exported.in_avals)
+        if kwargs or not isinstance(weights, dict):
+            raise TypeError(exported.in_tree)
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{folder / ARTIFACT} takes {exported.in_tree}, not (weights, images): it is "
+                          f"not a protoad_jax scorer; {fix}") from e
+    jx = manifest["jax_export"]
+    pairs = {
+        "input shape": (manifest["input"]["shape"], _dims(image.shape)),
+        "input dtype": (manifest["input"]["dtype"], str(image.dtype)),
+        "output shapes": ([manifest["outputs"][k]["shape"] for k in ("maps", "scores")],
+                          [_dims(a.shape) for a in exported.out_avals]),
+        "platforms": (jx["platforms"], list(exported.platforms)),
+        "calling convention version": (jx["calling_convention_version"],
+                                       exported.calling_convention_version),
+    }
+    for what, (says, has) in pairs.items():
+        if says != has:
+            raise ExportError(f"{where}: the manifest's {what} is {says}, the artifact's {has}. The "
+                              f"manifest was edited or belongs to another export; {fix}")
+    crop = manifest["preprocessing"].get("crop") if isinstance(manifest.get("preprocessing"), dict) else None
+    if manifest["input"]["shape"][1:] != [crop, crop, 3]:
+        raise ExportError(f"{folder / MANIFEST}: preprocessing crop {crop} does not match the input shape "
+                          f"{manifest['input']['shape']}; the manifest was edited; {fix}")
+    return weights, image
+
+
+def _load_weights(path: Path, avals: dict[str, Any], fix: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise ExportError(f"{path} is not a readable .npz ({type(e).__name__}: {e}); {fix}") from e
+    missing, unexpected = sorted(set(avals) - set(arrays)), sorted(set(arrays) - set(avals))
+    bad = [f"{k}: {arrays[k].dtype}{list(arrays[k].shape)} != {avals[k].dtype}{list(avals[k].shape)}"
+           for k in sorted(set(avals) & set(arrays))
+           if arrays[k].shape != tuple(avals[k].shape) or arrays[k].dtype != avals[k].dtype]
+    if missing or unexpected or bad:
+        raise ExportError(f"{path} does not fit the artifact: missing {missing[:5]}, unexpected "
+                          f"{unexpected[:5]}, mismatched {bad[:5]}; {fix}")
+    return arrays
+
+
+def load_exported(directory: str | os.PathLike) -> tuple[Callable[[Any], tuple[jax.Array, jax.Array]],
+                                                          dict[str, Any]]:
+    """Loads a directory written by ``export_scorer``, checking it first.
+
+    Checks, in order: the manifest (format and version), each file's size and sha256 against
+    the manifest, that this process's platform is among the artifact's, that this jax reads the
+    artifact's calling convention, then the manifest's input and output shapes, dtype, platforms
+    and version against the deserialized artifact, and the weights against its arguments.
+    Neither Flax nor the fitting code is imported.
+
+    Returns:
+      ``(scorer, manifest)``: ``scorer(images [b, s, s, 3] float32) -> (maps [b, s, s],
+      scores [b])`` runs the artifact with its weights on the default device; it is jitted
+      (one compile per batch shape) and can be called inside the user's own ``jax.jit``.
+      ``manifest`` is the parsed ``manifest.json`` (threshold, preprocessing, config, ...).
+
+    Raises:
+      ExportError: a missing, truncated, edited or mismatched file, a platform or jax version
+        the artifact cannot run on; the message names the file and the fix. The scorer raises
+        ExportError for images of the wrong shape or dtype, or with NaN/inf.
+    """
+    folder = Path(directory)
+    fix = f"re-export it: python scripts/export.py --model=MODEL.npz --output={folder}"
+    if not folder.is_dir():
+        raise ExportError(f"exported scorer directory {folder} does not exist; write one with "
+                          f"python scripts/export.py --model=MODEL.npz --output={folder}")
+    manifest = _read_manifest(folder, fix)
+    artifact = _check_file(folder, manifest["files"]["artifact"], fix)
+    weights_path = _check_file(folder, manifest["files"]["weights"], fix)
+    jx = manifest["jax_export"]
+    here = jax_export.default_export_platform()
+    if here not in jx["platforms"]:
+        raise ExportError(f"{artifact} was exported for {jx['platforms']}, but this process runs on "
+                          f"{here}: re-export it with --platforms={','.join(jx['platforms'] + [here])}")
+    written = manifest["versions"]["jax"]
+    ccv = jx["calling_convention_version"]
+    lo = jax_export.minimum_supported_calling_convention_version
+    hi = jax_export.maximum_supported_calling_convention_version
+    advice = _version_advice(written)
+    if not lo <= ccv <= hi:
+        why = advice or (f"{folder / MANIFEST} was edited (jax {written} wrote it, and this jax "
+                         f"writes conventions {lo}..{hi}); {fix}")
+        raise ExportError(f"{artifact} uses jax.export calling convention {ccv}; jax {jax.__version__} "
+                          f"runs {lo}..{hi}: {why}")
+    try:
+        exported = jax_export.deserialize(bytearray(artifact.read_bytes()))
+    except Exception as e:  # flatbuffers, struct, MLIR: many types, all meaning "cannot read"
+        why = (f"{advice}; if jax is not the cause, the file is damaged: {fix}" if advice else
+               f"it was written by this same jax version, so the file is damaged or is not a "
+               f"jax.export artifact: {fix}")
+        raise ExportError(f"{artifact} cannot be deserialized by jax {jax.__version__} "
+                          f"({type(e).__name__}: {str(e)[:200]}); {why}") from e
+    weight_avals, image_aval = _check_against_artifact(manifest, exported, folder, fix)
+    weights = jax.device_put(_load_weights(weights_path, weight_avals, fix))
+    call = jax.jit(exported.call)
+
+    def scorer(images: Any) -> tuple[jax.Array, jax.Array]:
+        _check_images(images, image_aval, artifact)
+        return call(weights, images)
+
+    return scorer, manifest
+
+
+def _check_images(images: Any, aval: Any, artifact: Path) -> None:
+    want = _dims(aval.shape)
+    shape, dtype = tuple(np.shape(images)), getattr(images, "dtype", None)
+    batch_ok = len(shape) == 4 and shape[0] >= 1 and (isinstance(want[0], str) or shape[0] == want[0])
+    if not batch_ok or list(shape[1:]) != want[1:]:
+        hint = "" if isinstance(want[0], str) else " (this artifact has a fixed batch: pad the batch, " \
+            "or re-export with a symbolic batch, the default)"
+        raise ExportError(f"{artifact} scores images of shape {want} (NHWC, preprocessed with "
+                          f"protoad_jax.preprocess_image as manifest.json says); got shape "
+                          f"{list(shape)}{hint}")
+    if dtype != aval.dtype:
+        raise ExportError(f"{artifact} scores {aval.dtype} images; got dtype {dtype}. Use "
+                          "protoad_jax.preprocess_image, which returns float32.")
+    if isinstance(images, jax.core.Tracer):
+        return
+    if not bool(jnp.isfinite(images).all() if isinstance(images, jax.Array) else np.isfinite(images).all()):
+        raise ExportError(f"images given to {artifact} contain NaN or inf pixels; check the decoding "
+                          "and normalisation")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+class ScoredFiles(NamedTuple):
+    """``maps`` ``[n, s, s]``, ``scores`` ``[n]``, the ``n`` image files scored, in order, and the
+    files ``skipped`` as unreadable (``data.SkippedImage``; with ``skip_bad``)."""
+
+    maps: np.ndarray
+    scores: np.ndarray
+    inputs: list[Path]
+    skipped: list
+
+
+def score_files(scorer: Callable, manifest: dict[str, Any], paths: Sequence[str | os.PathLike], *,
+                batch_size: int = 8, progress: bool = True, skip_bad: bool = False) -> ScoredFiles:
+    """Decodes and preprocesses image files as ``manifest`` says and scores them with ``scorer``
+    (from ``load_exported``), in batches of ``batch_size`` (the artifact's when it is fixed); the
+    last batch is zero-padded so each batch size compiles once.
+
+    Raises:
+      ExportError: the manifest asks for a preprocessing other than ``preprocess_image``'s; no
+        image was scored.
+      data.BadImageError: an undecodable file (unless ``skip_bad``).
+    """
+    from protoad_jax import data
+    from protoad_jax.progress import Progress
+
+    pre = manifest["preprocessing"]
+    try:
+        ours = preprocessing(pre["resize"], pre["crop"])
+    except (KeyError, TypeError) as e:
+        raise ExportError(f"manifest preprocessing lacks {e}; re-export the scorer") from e
+    if pre != ours:
+        diff = sorted(k for k in set(pre) | set(ours) if pre.get(k) != ours.get(k))
+        raise ExportError(f"the manifest asks for a preprocessing that differs from this protoad_jax's "
+                          f"preprocess_image in {diff}; preprocess the images as the manifest says "
+                          "and call the scorer directly")
+    fixed = manifest["input"]["shape"][0]
+    batch_size = fixed if isinstance(fixed, int) else batch_size
+    maps, scores, inputs = [], [], []
+    stream = data.batched(paths, batch_size, pre["resize"], pre["crop"], skip_bad=skip_bad)
+    with Progress("scoring", len(paths), "img", progress) as bar:
+        for batch in stream:
+            n = batch.num_valid
+            m, s = jax.device_get(scorer(batch.images))
+            maps.append(m[:n])
+            scores.append(s[:n])
+            inputs += batch.paths
+            bar.update(n)
+    if not inputs:
+        raise ExportError("no images were scored (none given, or every image was skipped as unreadable)")
+    return ScoredFiles(np.concatenate(maps), np.concatenate(scores), inputs, stream.skipped)
