@@ -5,8 +5,9 @@ Commands:
   python scripts/predict.py --model=M.npz --input=DIR --output_dir=O --calibrate_dir=/data/known_good
   python scripts/predict.py --model=M.npz --input=one.png --output_dir=O --threshold=0.31
 
-Writes O/predictions.csv (path, score, anomalous yes/no, or "unknown" when no threshold is set)
-and O/overlays/<name>.png (image | heatmap over the image). Prints one line per image and a count.
+Writes O/predictions.csv (path, score, anomalous yes/no, or "unknown" when no threshold is set),
+O/overlays/<name>.png (image | heatmap over the image) and O/score_histogram.png (the scores,
+with the threshold). Prints one line per image and a count.
 Threshold rule with --calibrate_dir: the --calibrate_quantile (default 0.99) quantile of the
 image scores of the normal images in that folder (numpy linear interpolation); an image is
 anomalous when its score is above it. The threshold and its rule are saved into the model file,
@@ -78,8 +79,9 @@ def main(argv):
             else Path(p).stem
         report.save_png(report.panel(image, m, None, title, vmin, vmax), out / "overlays" / f"{name}.png")
     fileio.atomic_write(out / "predictions.csv", lambda f: f.write(buf.getvalue()), mode="w")
+    report.write_score_histogram(out / "score_histogram.png", scored.scores, threshold)
     print(f"{flagged} of {len(scored.inputs)} images anomalous; wrote {out / 'predictions.csv'} and "
-          f"{out / 'overlays'}/")
+          f"{out / 'overlays'}/, {out / 'score_histogram.png'}")
 
 
 if __name__ == "__main__":
