@@ -1,4 +1,5 @@
-"""The main job: per category fit, score, measure, and write tables, maps, overlays, plots and a report.
+"""The main job: per category fit, score, measure, and write tables, maps, overlays, charts and a
+report.
 
 Every output file is written atomically; a category's ``result.json`` is written last, so an
 interrupted run resumes by skipping the categories that have one.
@@ -272,7 +273,7 @@ def _write_plots(cat_dir: Path, category: str, labels: np.ndarray, scores: np.nd
     if f1 is not None:
         thresholds[f"F1-max threshold {f1.threshold:.4f} (F1 {f1.f1:.3f})"] = f1.threshold
     if threshold is not None:
-        thresholds[f"calibrated threshold {threshold:.4f}"] = threshold
+        thresholds[f"calibrated threshold {threshold:.4f} (normal images)"] = threshold
     labels = np.asarray(labels, bool)
     charts["score_histogram"] = report.score_histogram(
         {f"normal (n={np.count_nonzero(~labels)})": scores[~labels],

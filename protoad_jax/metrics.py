@@ -298,7 +298,7 @@ def _pro_curve(y: np.ndarray, srt: _Sorted) -> Curve | None:
     pro = pro_step[regions_sorted]
     del regions_sorted
     pro = np.cumsum(pro, out=pro)[srt.last]
-    # The lowest threshold flags every pixel: FPR 1 exactly, PRO 1 up to rounding (clipped).
+    # The lowest threshold flags every pixel: FPR 1 exactly, PRO 1 up to rounding (capped at 1).
     fpr = np.concatenate([[0.0], np.minimum(fp / num_normal, 1.0)])
     pro = np.concatenate([[0.0], np.minimum(pro, 1.0)])
     return Curve(fpr, pro, np.concatenate([[np.inf], srt.thresholds.astype(np.float64)]))
@@ -332,7 +332,8 @@ def curve_up_to(curve: Curve, fpr_max: float) -> Curve:
     # Highest point before fpr_max to the first point after it.
     x0, x1, y0, y1 = x[keep - 1], x[keep], y[keep - 1], y[keep]
     y_end = y0 + (y1 - y0) * (fpr_max - x0) / (x1 - x0)
-    return Curve(np.append(x[:keep], fpr_max), np.append(y[:keep], y_end), np.append(t[:keep], np.nan))
+    return Curve(np.append(x[:keep], fpr_max), np.append(y[:keep], y_end),
+                 np.append(t[:keep], np.nan))
 
 
 def _area(curve: Curve) -> float:

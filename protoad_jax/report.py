@@ -8,6 +8,7 @@ text; they use only ASCII text (Pillow's bundled font has no other glyphs).
 from __future__ import annotations
 
 import html
+import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -85,7 +86,7 @@ def save_png(img: Image.Image, path: str | os.PathLike) -> None:
 
 # --- charts ------------------------------------------------------------------------------------
 
-PLOT_SIZE = (440, 330)  # (width, height) of every chart PNG, in pixels
+PLOT_SIZE = (420, 315)  # three side by side in a 1400 px wide window  # (width, height) of every chart PNG, in pixels
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
 BLUE, ORANGE, GREEN, PURPLE = (0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167)
 GREY, DARK = (150, 150, 150), (40, 40, 40)
@@ -102,7 +103,8 @@ def _font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=px * _SS) if _SS > 1 else ImageFont.load_default()
 
 
-def nice_ticks(lo: float, hi: float, target: int = 6, integer: bool = False) -> tuple[np.ndarray, int]:
+def nice_ticks(lo: float, hi: float, target: int = 6,
+               integer: bool = False) -> tuple[np.ndarray, int]:
     """Round tick values in ``[lo, hi]`` (steps 1, 2, 2.5, 5 x 10^k; whole numbers when
     ``integer``) and the number of decimals to print them with."""
     if not hi > lo:
@@ -111,10 +113,13 @@ def nice_ticks(lo: float, hi: float, target: int = 6, integer: bool = False) -> 
     if integer:
         raw = max(raw, 1.0)
     mag = 10.0 ** math.floor(math.log10(raw))
-    steps = (1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)
-    step = next(m * mag for m in steps if m * mag >= raw * (1 - 1e-9))
+    steps = [m * mag for m in ((1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10))]
+    # The round step whose tick count is closest to the target (ties: the larger step).
+    counts = [math.floor(hi / st + 1e-9) - math.ceil(lo / st - 1e-9) + 1 for st in steps]
+    step = min(zip(steps, counts), key=lambda sc: (abs(sc[1] - target), -sc[0]))[0]
     ticks = np.arange(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1) * step
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) + (1 if round(step / mag, 6) == 2.5 else 0)
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    decimals += 1 if round(step / mag, 6) == 2.5 else 0  # 0.25, not 0.2
     return ticks, decimals
 
 
@@ -122,7 +127,8 @@ class _Chart:
     """A chart on a supersampled canvas: data -> pixel transform, grid, ticks, labels, legend."""
 
     def __init__(self, title: str, xlabel: str, ylabel: str, xlim: tuple[float, float],
-                 ylim: tuple[float, float], size: tuple[int, int] = PLOT_SIZE, y_integer: bool = False):
+                 ylim: tuple[float, float], size: tuple[int, int] = PLOT_SIZE,
+                 y_integer: bool = False):
         self.size, self.y_integer = size, y_integer
         w, h = size[0] * _SS, size[1] * _SS
         left, top, right, bottom = (m * _SS for m in _MARGIN)
@@ -155,16 +161,19 @@ class _Chart:
             d.line([(x0, py), (x1, py)], fill=(232, 232, 232), width=_SS)
             d.line([(x0 - 4 * _SS, py), (x0, py)], fill=DARK, width=_SS)
             d.text((x0 - 6 * _SS, py), f"{t:.{yd}f}", fill=DARK, font=tick_font, anchor="rm")
-        d.text(((x0 + x1) / 2, self.img.height - 4 * _SS), xlabel, fill=DARK, font=label_font, anchor="md")
+        d.text(((x0 + x1) / 2, self.img.height - 4 * _SS), xlabel, fill=DARK, font=label_font,
+               anchor="md")
         d.text((self.img.width / 2, 8 * _SS), title, fill="black", font=_font(16), anchor="mt")
         # The y label: drawn horizontally on its own image, rotated, pasted left of the ticks.
         tw = int(d.textlength(ylabel, font=label_font)) + 4 * _SS
         label = Image.new("L", (tw, 20 * _SS), 0)
-        ImageDraw.Draw(label).text((2 * _SS, 10 * _SS), ylabel, fill=255, font=label_font, anchor="lm")
+        ImageDraw.Draw(label).text((2 * _SS, 10 * _SS), ylabel, fill=255, font=label_font,
+                                   anchor="lm")
         label = label.rotate(90, expand=True)
         self.img.paste(DARK, (4 * _SS, int((y0 + y1 - label.height) / 2)), label)
 
-    def line(self, x, y, color, label: str | None = None, width: int = 2, dash: bool = False) -> None:
+    def line(self, x, y, color, label: str | None = None, width: int = 2,
+             dash: bool = False) -> None:
         """A polyline through the data points, clipped to the axes, decimated to distinct pixels."""
         px, py = self.px(x, y)
         x0, y0, x1, y1 = self.box
@@ -173,7 +182,7 @@ class _Chart:
         keep[1:] = np.any(pts[1:] != pts[:-1], axis=1)
         pts = [tuple(p) for p in pts[keep]]
         if dash:
-            for a, b in zip(pts[:-1], pts[1:]):
+            for a, b in itertools.pairwise(pts):
                 self._dashed(a, b, color, width * _SS)
         elif len(pts) > 1:
             self.draw.line(pts, fill=color, width=width * _SS, joint="curve")
@@ -187,27 +196,22 @@ class _Chart:
             end = min(start + on, length)
             f0, f1 = start / length, end / length
             self.draw.line([(a[0] + (b[0] - a[0]) * f0, a[1] + (b[1] - a[1]) * f0),
-                            (a[0] + (b[0] - a[0]) * f1, a[1] + (b[1] - a[1]) * f1)], fill=color, width=width)
+                            (a[0] + (b[0] - a[0]) * f1, a[1] + (b[1] - a[1]) * f1)],
+                           fill=color, width=width)
 
     def vline(self, x: float, color, label: str, dash: bool = True) -> None:
         self.line([x, x], list(self.ylim), color, label, width=2, dash=dash)
 
-    def bars(self, edges: np.ndarray, counts: np.ndarray, color, label: str) -> None:
-        """Histogram bars: a translucent fill (overlaps stay visible) and a solid top outline."""
-        layer = Image.new("RGBA", self.img.size, (0, 0, 0, 0))
-        d = ImageDraw.Draw(layer)
+    def bars(self, edges: np.ndarray, counts: np.ndarray, color, label: str, slot: int = 0,
+             slots: int = 1) -> None:
+        """Histogram bars; ``slots`` groups share each bin side by side, this one in ``slot``."""
         ex, _ = self.px(edges, 0)
         _, cy = self.px(0, counts)
-        base = self.box[3]
         for i, c in enumerate(counts):
             if c > 0:
-                d.rectangle([ex[i], cy[i], ex[i + 1], base], fill=(*color, 90))
-        outline = [(ex[0], base)]
-        for i in range(len(counts)):
-            outline += [(ex[i], cy[i]), (ex[i + 1], cy[i])]
-        outline.append((ex[-1], base))
-        d.line(outline, fill=(*color, 255), width=2 * _SS)
-        self.img.paste(Image.alpha_composite(self.img.convert("RGBA"), layer).convert("RGB"))
+                width = (ex[i + 1] - ex[i]) / slots
+                x0 = ex[i] + slot * width
+                self.draw.rectangle([x0 + 1, cy[i], x0 + width - 1, self.box[3]], fill=color)
         self.legend_entries.append((label, color, "box"))
 
     def legend(self, corner: str) -> None:
@@ -215,19 +219,19 @@ class _Chart:
         if not self.legend_entries:
             return
         font, pad, row, swatch = _font(13), 6 * _SS, 18 * _SS, 22 * _SS
-        width = pad * 3 + swatch + max(int(self.draw.textlength(t, font=font)) for t, _, _ in self.legend_entries)
+        text_width = max(self.draw.textlength(t, font=font) for t, _, _ in self.legend_entries)
+        width = pad * 3 + swatch + int(text_width)
         height = pad * 2 + row * len(self.legend_entries)
         x0, y0, x1, y1 = self.box
         lx = x0 + pad if corner[1] == "l" else x1 - pad - width
         ly = y0 + pad if corner[0] == "u" else y1 - pad - height
-        self.draw.rectangle([lx, ly, lx + width, ly + height], fill="white", outline=GREY, width=_SS)
+        self.draw.rectangle([lx, ly, lx + width, ly + height], fill="white", outline=GREY,
+                            width=_SS)
         for i, (text, color, kind) in enumerate(self.legend_entries):
             cy = ly + pad + row * i + row / 2
             sx = lx + pad
             if kind == "box":
-                self.draw.rectangle([sx, cy - 5 * _SS, sx + swatch, cy + 5 * _SS],
-                                    fill=tuple(int(255 - (255 - c) * 90 / 255) for c in color),
-                                    outline=color, width=2 * _SS)
+                self.draw.rectangle([sx, cy - 5 * _SS, sx + swatch, cy + 5 * _SS], fill=color)
             elif kind == "dash":
                 self._dashed((sx, cy), (sx + swatch, cy), color, 2 * _SS)
             else:
@@ -263,11 +267,12 @@ def pro_plot(curve: metrics.Curve, aupro: float, title: str,
 
 def score_histogram(groups: Mapping[str, np.ndarray], thresholds: Mapping[str, float | None],
                     title: str, xlabel: str = "image anomaly score") -> Image.Image:
-    """Histograms of image scores on shared bins, with vertical threshold lines.
+    """Histograms of image scores on shared bins (side by side in each bin), with vertical
+    threshold lines.
 
     Args:
-      groups: legend label -> ``[n]`` scores, e.g. ``{"normal (n=20)": ..., "anomalous (n=30)": ...}``;
-        up to two groups (blue, orange); empty groups are skipped.
+      groups: legend label -> ``[n]`` scores, e.g. ``{"normal (n=20)": ..., "anomalous (n=30)":
+        ...}``; up to two groups (blue, orange); empty groups are skipped.
       thresholds: legend label -> threshold (None: not drawn); up to two (black, purple).
       title: the chart title.
     """
@@ -275,21 +280,24 @@ def score_histogram(groups: Mapping[str, np.ndarray], thresholds: Mapping[str, f
     if not groups:
         raise ValueError("score_histogram: no scores to plot")
     if len(groups) > 2 or len(thresholds) > 2:
-        raise ValueError(f"score_histogram: at most 2 groups and 2 thresholds, got {len(groups)} and "
-                         f"{len(thresholds)}")
+        raise ValueError(f"score_histogram: at most 2 groups and 2 thresholds, got "
+                         f"{len(groups)} and {len(thresholds)}")
     lines = {k: float(v) for k, v in thresholds.items() if v is not None}
     everything = np.concatenate([*groups.values(), list(lines.values())])
     lo, hi = float(everything.min()), float(everything.max())
     pad = 0.06 * (hi - lo) if hi > lo else max(0.05 * abs(lo), 0.05)
     n = sum(len(v) for v in groups.values())
-    edges = np.linspace(lo - pad / 2, hi + pad / 2, int(np.clip(round(2 * math.sqrt(n)), 8, 40)) + 1)
+    num_bins = int(np.clip(round(2 * math.sqrt(n)), 8, 30))
+    edges = np.linspace(lo - pad / 2, hi + pad / 2, num_bins + 1)
     counts = {k: np.histogram(v, edges)[0] for k, v in groups.items()}
     top = max(int(c.max()) for c in counts.values())
-    # Headroom for the legend over the bars.
-    chart = _Chart(title, xlabel, "images", (lo - pad, hi + pad), (0.0, max(top, 1) * 1.45 + 0.5),
-                   y_integer=True)
-    for (label, c), color in zip(counts.items(), (BLUE, ORANGE)):
-        chart.bars(edges, c, color, label)
+    # Headroom: the tallest bar ends below the legend (rows of 18 px, padding, offset).
+    plot_h = PLOT_SIZE[1] - _MARGIN[1] - _MARGIN[3]
+    legend_h = 30 + 18 * (len(counts) + len(lines))
+    y_max = max(top * plot_h / (plot_h - legend_h), top + 0.5)
+    chart = _Chart(title, xlabel, "images", (lo - pad, hi + pad), (0.0, y_max), y_integer=True)
+    for slot, ((label, c), color) in enumerate(zip(counts.items(), (BLUE, ORANGE))):
+        chart.bars(edges, c, color, label, slot, len(counts))
     for (label, t), color in zip(lines.items(), (DARK, PURPLE)):
         chart.vline(t, color, label)
     # Put the legend over the emptier half of the plot.
@@ -302,7 +310,8 @@ def score_histogram(groups: Mapping[str, np.ndarray], thresholds: Mapping[str, f
 def write_score_histogram(path: str | os.PathLike, scores: np.ndarray, threshold: float | None,
                           title: str = "image scores of the inputs") -> None:
     """``predict``'s summary chart: a histogram of its inputs' scores with the threshold, if set."""
-    lines = {} if threshold is None else {f"threshold {threshold:.4f} (above: anomalous)": threshold}
+    lines = {} if threshold is None else {f"threshold {threshold:.4f} (above: anomalous)":
+                                          threshold}
     save_png(score_histogram({f"inputs (n={np.size(scores)})": scores}, lines, title), path)
 
 
@@ -334,24 +343,28 @@ def write_html(path: str | os.PathLike, title: str, notes: Sequence[str], column
     Galleries without images are left out.
     """
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-           ("<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
-           "td,th{border:1px solid #bbb;padding:3px 6px;text-align:right;font-size:13px}th{background:#eee}"
-           "td:first-child{text-align:left}.warn{color:#b00;font-weight:bold}img{margin:4px;"
-           "border:1px solid #ccc}img.overlay{width:48%;max-width:700px}img.chart{max-width:100%}"
-           "</style></head><body>"), f"<h1>{html.escape(title)}</h1>"]
+           ("<style>body{font-family:sans-serif;margin:1.5em}p{margin:.3em 0}"
+            ".scroll{overflow-x:auto;margin:1em 0}table{border-collapse:collapse}"
+            "td,th{border:1px solid #bbb;padding:3px 6px;text-align:right;font-size:13px}"
+            "th{background:#eee}td:first-child{text-align:left}.warn{color:#b00;font-weight:bold}"
+            "img{margin:4px;border:1px solid #ccc}img.overlay{width:48%;max-width:700px}"
+            ".charts{display:flex;flex-wrap:wrap;gap:8px}.charts img{margin:0;max-width:100%}"
+            "</style></head><body>"), f"<h1>{html.escape(title)}</h1>"]
     for note in notes:
         cls = " class='warn'" if note.startswith("WARNING") else ""
         out.append(f"<p{cls}>{html.escape(note)}</p>")
-    out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
+    out.append("<div class='scroll'><table><tr>"
+               + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
     for row in rows:
         out.append("<tr>" + "".join(f"<td>{_fmt(row.get(c))}</td>" for c in columns) + "</tr>")
-    out.append("</table>")
+    out.append("</table></div>")
     for gallery in galleries:
         if not gallery.images:
             continue
         # Charts are few and small: loaded at once; overlays lazily.
         attrs = "class='chart'" if gallery.natural_size else "class='overlay' loading='lazy'"
-        out.append(f"<h2>{html.escape(gallery.heading)}</h2><div>")
+        div = "<div class='charts'>" if gallery.natural_size else "<div>"
+        out.append(f"<h2>{html.escape(gallery.heading)}</h2>{div}")
         out += [f"<a href='{html.escape(p)}'><img {attrs} src='{html.escape(p)}' "
                 f"alt='{html.escape(Path(p).stem)}'></a>" for p in gallery.images]
         out.append("</div>")

@@ -38,6 +38,12 @@ def _to_output_px(chart: report._Chart, x, y):
     return px / report._SS, py / report._SS
 
 
+def _pixel(chart: report._Chart, x: float, y: float) -> tuple[int, int]:
+    """(column, row) of a data point in the output PNG."""
+    px, py = _to_output_px(chart, x, y)
+    return int(np.rint(px)), int(np.rint(py))
+
+
 def test_nice_ticks():
     for lo, hi, integer in [(0.0, 1.0, False), (0.0, 0.3, False), (0.1234, 0.5678, False),
                             (-3.2, 17.9, False), (0.0, 3.4, True), (0.0, 145.0, True), (2e-4, 9e-4, False)]:
@@ -72,13 +78,13 @@ def test_roc_plot_draws_the_metric_curve(tmp_path):
     for x, y, fx, ty in zip(xs, ys, curve.fpr, curve.y):
         if fx > 0.45 and ty < 0.3:
             continue
-        r, c = int(round(y)), int(round(x))
+        c, r = int(np.rint(x)), int(np.rint(y))
         window = blue[max(r - PX_TOL, 0):r + PX_TOL + 1, max(c - PX_TOL, 0):c + PX_TOL + 1]
         assert window.any(), f"no curve pixel near ({fx}, {ty}) -> pixel ({c}, {r})"
         checked += 1
     # And not where the curve is not: the area under a high-AUROC curve's middle is white.
-    bx, by = _to_output_px(chart, 0.5, 0.05)
-    assert not blue[int(by) - 5:int(by) + 5, int(bx) - 5:int(bx) + 5].any()
+    bx, by = _pixel(chart, 0.5, 0.05)
+    assert not blue[by - 5:by + 5, bx - 5:bx + 5].any()
     print(f"{checked} ROC vertices found within {PX_TOL} px")
     assert checked >= len(xs) // 2
 
@@ -92,11 +98,10 @@ def test_pro_plot_stops_at_the_limit(tmp_path):
     green = _where(rgb, report.GREEN)
     # At FPR 0.3 the curve is interpolated between (0.1, 0.6) and (0.6, 0.8): PRO 0.68.
     for fpr, pro in [(0.05, 0.55), (0.2, 0.64), (0.29, 0.676)]:
-        x, y = _to_output_px(chart, fpr, pro)
-        r, c = int(round(y)), int(round(x))
+        c, r = _pixel(chart, fpr, pro)
         assert green[r - PX_TOL:r + PX_TOL + 1, c - PX_TOL:c + PX_TOL + 1].any(), (fpr, pro, c, r)
     # Nothing of the curve to the right of the plot area (FPR > 0.3 is not drawn).
-    right = int(round(_to_output_px(chart, 0.3, 0)[0]))
+    right, _ = _pixel(chart, 0.3, 0)
     assert not green[:, right + PX_TOL:].any()
 
 
@@ -112,19 +117,25 @@ def test_score_histogram_bars_and_thresholds(tmp_path):
     counts_top = 1  # only the x transform is needed; y range does not matter for columns
     chart = report._Chart("t", "x", "y", (everything.min() - pad, everything.max() + pad), (0.0, counts_top))
     for t, color in [(t_f1, report.DARK), (t_cal, report.PURPLE)]:
-        c = int(round(_to_output_px(chart, t, 0)[0]))
+        c, _ = _pixel(chart, t, 0)
         column = _where(rgb[:, c - 1:c + 2], color, tol=40).any(axis=1)
         # A dashed line over the plot height: many rows of the line's colour in this column.
         print(f"threshold {t}: {column.sum()} rows of its colour at x={c}")
         assert column.sum() > 60, column.sum()
-    # Bars: blue fill around the normal mean, orange fill around the anomalous mean, near the base.
-    base = int(round(_to_output_px(chart, 0, 0)[1])) - 4
-    light_blue = tuple(int(255 - (255 - v) * 90 / 255) for v in report.BLUE)
-    light_orange = tuple(int(255 - (255 - v) * 90 / 255) for v in report.ORANGE)
-    cn = int(round(_to_output_px(chart, np.median(normal), 0)[0]))
-    ca = int(round(_to_output_px(chart, np.median(anomalous), 0)[0]))
-    assert _where(rgb[base - 3:base + 1, cn - 2:cn + 3], light_blue, tol=25).any()
-    assert _where(rgb[base - 3:base + 1, ca - 2:ca + 3], light_orange, tol=25).any()
+    # Bars, just above the base line: blue only where normal scores are, orange only where
+    # anomalous ones are (the two groups do not overlap here).
+    base = _pixel(chart, 0, 0)[1] - 3
+    strip = rgb[base - 2:base + 1]
+    blue_cols = np.flatnonzero(_where(strip, report.BLUE, tol=30).any(axis=0))
+    orange_cols = np.flatnonzero(_where(strip, report.ORANGE, tol=30).any(axis=0))
+    (n_lo, _), (n_hi, _) = _pixel(chart, normal.min(), 0), _pixel(chart, normal.max(), 0)
+    (a_lo, _), (a_hi, _) = _pixel(chart, anomalous.min(), 0), _pixel(chart, anomalous.max(), 0)
+    bin_px = (n_hi - n_lo) / 4  # generous: a bar may extend up to a bin beyond its scores
+    print(f"blue columns {blue_cols.min()}-{blue_cols.max()} (scores at {n_lo}-{n_hi}), "
+          f"orange {orange_cols.min()}-{orange_cols.max()} (scores at {a_lo}-{a_hi})")
+    assert n_lo - bin_px <= blue_cols.min() and blue_cols.max() <= n_hi + bin_px
+    assert a_lo - bin_px <= orange_cols.min() and orange_cols.max() <= a_hi + bin_px
+    assert blue_cols.max() < orange_cols.min()
     with pytest.raises(ValueError, match="no scores"):
         report.score_histogram({"empty": np.zeros(0)}, {}, "t")
 
