@@ -300,7 +300,7 @@ def summarize(results: list[dict], out_dir: Path, run_settings: dict, warnings: 
     galleries = []
     for r in results:
         cat = r["category"]
-        galleries += [report.Gallery(f"{cat}: image ROC, PRO curve and test image scores",
+        galleries += [report.Gallery(f"{cat}: curves and score histogram",
                                      [f"{cat}/{p}" for p in r.get("plots", [])], natural_size=True),
                       report.Gallery(f"{cat}: most and least anomalous test images "
                                      "(image | ground truth | heatmap)",

@@ -86,7 +86,7 @@ def save_png(img: Image.Image, path: str | os.PathLike) -> None:
 
 # --- charts ------------------------------------------------------------------------------------
 
-PLOT_SIZE = (420, 315)  # three side by side in a 1400 px wide window  # (width, height) of every chart PNG, in pixels
+PLOT_SIZE = (420, 315)  # (width, height) of every chart PNG: three fit side by side in 1400 px
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
 BLUE, ORANGE, GREEN, PURPLE = (0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167)
 GREY, DARK = (150, 150, 150), (40, 40, 40)
@@ -119,7 +119,7 @@ def nice_ticks(lo: float, hi: float, target: int = 6,
     step = min(zip(steps, counts), key=lambda sc: (abs(sc[1] - target), -sc[0]))[0]
     ticks = np.arange(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1) * step
     decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-    decimals += 1 if round(step / mag, 6) == 2.5 else 0  # 0.25, not 0.2
+    decimals += 1 if round(step / mag, 6) == 2.5 and mag <= 1 else 0  # 0.25, not 0.2; 25, not 25.0
     return ticks, decimals
 
 

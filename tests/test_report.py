@@ -46,7 +46,8 @@ def _pixel(chart: report._Chart, x: float, y: float) -> tuple[int, int]:
 
 def test_nice_ticks():
     for lo, hi, integer in [(0.0, 1.0, False), (0.0, 0.3, False), (0.1234, 0.5678, False),
-                            (-3.2, 17.9, False), (0.0, 3.4, True), (0.0, 145.0, True), (2e-4, 9e-4, False)]:
+                            (-3.2, 17.9, False), (0.0, 3.4, True), (0.0, 145.0, True), (2e-4, 9e-4, False),
+                            (0.0, 160.0, False), (0.0, 16.0, False)]:
         ticks, decimals = report.nice_ticks(lo, hi, integer=integer)
         step = np.diff(ticks)
         mantissa = step[0] / 10 ** np.floor(np.log10(step[0]))
@@ -57,6 +58,8 @@ def test_nice_ticks():
         assert ticks[0] - lo < step[0] + 1e-12 and hi - ticks[-1] < step[0] + 1e-12
         assert np.allclose(step, step[0]) and any(np.isclose(mantissa, m) for m in (1, 2, 2.5, 5))
         assert len(set(labels)) == len(labels), labels  # enough decimals to tell ticks apart
+        if step[0] == round(step[0]):
+            assert decimals == 0, labels  # whole steps print as whole numbers
         if integer:
             assert np.all(ticks == np.round(ticks)) and step[0] >= 1
     with pytest.raises(ValueError, match="lo < hi"):
