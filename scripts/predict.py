@@ -81,7 +81,7 @@ def main(argv):
     fileio.atomic_write(out / "predictions.csv", lambda f: f.write(buf.getvalue()), mode="w")
     report.write_score_histogram(out / "score_histogram.png", scored.scores, threshold)
     print(f"{flagged} of {len(scored.inputs)} images anomalous; wrote {out / 'predictions.csv'} and "
-          f"{out / 'overlays'}/, {out / 'score_histogram.png'}")
+          f"{out / 'overlays'}/; score histogram {out / 'score_histogram.png'}")
 
 
 if __name__ == "__main__":

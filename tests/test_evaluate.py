@@ -84,7 +84,7 @@ def test_run_category_mvtec_layout_outputs_and_metrics(tmp_path, net):
     err = abs(np.trapezoid(roc.y, roc.fpr) - res["image_auroc"])
     pred = scores >= res["image_f1_threshold"]
     f1 = 2 * np.sum(pred & labels) / (pred.sum() + labels.sum())
-    print(f"ROC area err {err:.2e}; F1 at the threshold {f1:.4f} vs reported {res['image_f1_max']:.4f}")
+    print(f"ROC area err {err:.2e}; F1 at the threshold {f1:.4f}, reported {res['image_f1_max']:.4f}")
     assert err <= 1e-9 and abs(f1 - res["image_f1_max"]) <= 1e-9
 
 

@@ -136,9 +136,10 @@ def test_roc_curve_matches_sklearn_and_its_area_is_auroc(seed):
     assert np.isinf(got.thresholds[0]) and np.isinf(thr[0])
     err_thr = np.max(np.abs(got.thresholds[1:] - thr[1:]))
     area = np.trapezoid(got.y, got.fpr)  # numpy's trapezoid on the returned points
-    err_area = max(abs(area - roc_auc_score(labels, scores)), abs(area - metrics.image_auroc(labels, scores)))
-    print(f"\nroc seed {seed}: {len(fpr)} points, point err {err_pts:.2e}, threshold err {err_thr:.2e}, "
-          f"area {area:.6f} err {err_area:.2e}")
+    err_area = max(abs(area - roc_auc_score(labels, scores)),
+                   abs(area - metrics.image_auroc(labels, scores)))
+    print(f"\nroc seed {seed}: {len(fpr)} points, point err {err_pts:.2e}, "
+          f"threshold err {err_thr:.2e}, area {area:.6f} err {err_area:.2e}")
     assert err_pts <= TOL and err_thr == 0.0 and err_area <= TOL, f"tolerance {TOL}"
     assert metrics.roc_curve(np.zeros(n, bool), scores) is None
 
@@ -189,7 +190,8 @@ def test_pro_curve_matches_brute_force_and_its_area_is_aupro(seed):
     part = metrics.curve_up_to(got, 0.3)
     assert part.fpr[-1] == 0.3 and np.all(part.fpr <= 0.3) and np.all(np.diff(part.fpr) >= 0)
     area = np.trapezoid(part.y, part.fpr) / 0.3
-    ev = metrics.evaluate_with_curves(masks.reshape(len(masks), -1).any(1), maps.max((1, 2)), masks, maps)
+    labels = masks.reshape(len(masks), -1).any(1)
+    ev = metrics.evaluate_with_curves(labels, maps.max((1, 2)), masks, maps)
     err_area = max(abs(area - metrics.aupro(masks, maps)), abs(area - ev.values["aupro"]))
     print(f"\npro curve seed {seed}: {len(x)} points, point err {err_pts:.2e}, "
           f"area {area:.6f} err {err_area:.2e}")
@@ -199,7 +201,8 @@ def test_pro_curve_matches_brute_force_and_its_area_is_aupro(seed):
 
 
 def test_curve_up_to():
-    curve = metrics.Curve(np.array([0.0, 0.0, 0.2, 0.2, 0.5, 1.0]), np.array([0.0, 0.4, 0.5, 0.7, 0.9, 1.0]),
+    curve = metrics.Curve(np.array([0.0, 0.0, 0.2, 0.2, 0.5, 1.0]),
+                          np.array([0.0, 0.4, 0.5, 0.7, 0.9, 1.0]),
                           np.array([np.inf, 5, 4, 3, 2, 1.0]))
     hit = metrics.curve_up_to(curve, 0.2)  # a vertical step at the limit: both points kept
     assert hit.fpr.tolist() == [0.0, 0.0, 0.2, 0.2] and hit.y.tolist() == [0.0, 0.4, 0.5, 0.7]

@@ -22,7 +22,8 @@ def _png_roundtrip(img: Image.Image, tmp_path, name: str) -> np.ndarray:
     path = tmp_path / name
     report.save_png(img, path)
     with Image.open(path) as f:
-        assert f.format == "PNG" and f.size == report.PLOT_SIZE and f.mode == "RGB", (f.format, f.size, f.mode)
+        got = (f.format, f.size, f.mode)
+        assert got == ("PNG", report.PLOT_SIZE, "RGB"), got
         f.verify()
     with Image.open(path) as f:
         return np.asarray(f)
@@ -46,7 +47,8 @@ def _pixel(chart: report._Chart, x: float, y: float) -> tuple[int, int]:
 
 def test_nice_ticks():
     for lo, hi, integer in [(0.0, 1.0, False), (0.0, 0.3, False), (0.1234, 0.5678, False),
-                            (-3.2, 17.9, False), (0.0, 3.4, True), (0.0, 145.0, True), (2e-4, 9e-4, False),
+                            (-3.2, 17.9, False), (0.0, 3.4, True), (0.0, 145.0, True),
+                            (2e-4, 9e-4, False),
                             (0.0, 160.0, False), (0.0, 16.0, False)]:
         ticks, decimals = report.nice_ticks(lo, hi, integer=integer)
         step = np.diff(ticks)
@@ -71,7 +73,8 @@ def test_roc_plot_draws_the_metric_curve(tmp_path):
     labels = np.arange(40) % 3 == 0
     scores = rng.normal(size=40) + 2.0 * labels
     curve = metrics.roc_curve(labels, scores)
-    rgb = _png_roundtrip(report.roc_plot(curve, metrics.image_auroc(labels, scores), "t"), tmp_path, "roc.png")
+    img = report.roc_plot(curve, metrics.image_auroc(labels, scores), "t")
+    rgb = _png_roundtrip(img, tmp_path, "roc.png")
     chart = report._Chart("t", "x", "y", report._padded(0.0, 1.0), report._padded(0.0, 1.0))
     blue = _where(rgb, report.BLUE)
     # Every vertex of the ROC staircase, and every corner it turns, has the curve colour nearby.
@@ -117,8 +120,8 @@ def test_score_histogram_bars_and_thresholds(tmp_path):
     rgb = _png_roundtrip(img, tmp_path, "hist.png")
     everything = np.concatenate([normal, anomalous])
     pad = 0.06 * (everything.max() - everything.min())
-    counts_top = 1  # only the x transform is needed; y range does not matter for columns
-    chart = report._Chart("t", "x", "y", (everything.min() - pad, everything.max() + pad), (0.0, counts_top))
+    # Only the x transform and the base line are used: the y range does not move them.
+    chart = report._Chart("t", "x", "y", (everything.min() - pad, everything.max() + pad), (0.0, 1.0))
     for t, color in [(t_f1, report.DARK), (t_cal, report.PURPLE)]:
         c, _ = _pixel(chart, t, 0)
         column = _where(rgb[:, c - 1:c + 2], color, tol=40).any(axis=1)
@@ -167,7 +170,8 @@ class _Images(html.parser.HTMLParser):
 def test_html_embeds_charts_by_relative_path(tmp_path):
     for name in ("cat/plots/roc.png", "cat/overlays/a.png"):
         report.save_png(Image.new("RGB", (8, 8), "white"), tmp_path / name)
-    report.write_html(tmp_path / "report.html", "t", ["note"], ["category", "v"], [{"category": "cat", "v": 0.5}],
+    report.write_html(tmp_path / "report.html", "t", ["note"], ["category", "v"],
+                      [{"category": "cat", "v": 0.5}],
                       [report.Gallery("cat: charts", ["cat/plots/roc.png"], natural_size=True),
                        report.Gallery("cat: overlays", ["cat/overlays/a.png"]),
                        report.Gallery("cat: nothing", [])])
@@ -176,7 +180,8 @@ def test_html_embeds_charts_by_relative_path(tmp_path):
     parser.feed(text)
     by_src = {i["src"]: i for i in parser.imgs}
     assert set(by_src) == {"cat/plots/roc.png", "cat/overlays/a.png"}
-    assert by_src["cat/plots/roc.png"]["class"] == "chart" and "loading" not in by_src["cat/plots/roc.png"]
+    chart = by_src["cat/plots/roc.png"]
+    assert chart["class"] == "chart" and "loading" not in chart  # charts load at once
     assert by_src["cat/overlays/a.png"]["class"] == "overlay"
     assert all((tmp_path / src).is_file() for src in by_src)
     assert "cat: nothing" not in text  # empty galleries are left out
