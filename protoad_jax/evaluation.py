@@ -1,4 +1,5 @@
-"""The main job: per category fit, score, measure, and write tables, maps, overlays and a report.
+"""The main job: per category fit, score, measure, and write tables, maps, overlays, charts and a
+report.
 
 Every output file is written atomically; a category's ``result.json`` is written last, so an
 interrupted run resumes by skipping the categories that have one.
@@ -206,7 +207,8 @@ def run_category(dataset: str, data_dir: str | Path | None, category: str, out_d
         masks = data.load_masks(items, config.resize, config.image_size)
     else:
         log.warning("%s: no ground_truth folder; pixel metrics are null", category)
-    values = metrics.evaluate_all(labels, scored.scores, masks, scored.maps)
+    measured = metrics.evaluate_with_curves(labels, scored.scores, masks, scored.maps)
+    values = measured.values
     t3 = time.perf_counter()
 
     score_of = dict(zip(keep, scored.scores.tolist()))  # by position: TFDS names can repeat
@@ -219,15 +221,18 @@ def run_category(dataset: str, data_dir: str | Path | None, category: str, out_d
             _save_npy(cat_dir / "maps" / it.defect_type / f"{it.path.stem}.npy", m.astype(np.float32))
     images = [inputs.test[i] for i in keep]
     overlays = _write_overlays(cat_dir, items, images, scored, masks, config, num_overlays)
+    plots = _write_plots(cat_dir, category, labels, scored.scores, measured, model.threshold)
 
     result = {
-        "category": category, **values, "num_prototypes": model.num_prototypes,
+        "category": category, **values,
+        "image_f1_threshold": None if measured.image_f1 is None else measured.image_f1.threshold,
+        "num_prototypes": model.num_prototypes,
         "num_train": len(inputs.train), "num_test": len(items), "skipped_images": skipped,
         "seconds_features": model.info["seconds_features"],
         "seconds_clustering": model.info["seconds_clustering"],
         "seconds_fit_total": round(t1 - t0, 3), "seconds_scoring": round(t2 - t1, 3),
         "seconds_metrics": round(t3 - t2, 3), "backbone": net.description, "fit_info": model.info,
-        "overlays": overlays,
+        "overlays": overlays, "plots": plots,
     }
     _write_json(cat_dir / "result.json", result)  # last: marks the category finished
     return result
@@ -253,6 +258,40 @@ def _write_overlays(cat_dir: Path, items: list, images: list, scored: pipeline.S
     return out
 
 
+def _write_plots(cat_dir: Path, category: str, labels: np.ndarray, scores: np.ndarray,
+                 measured: metrics.Evaluation, threshold: float | None) -> list[str]:
+    """The image ROC curve, the PRO curve and the image-score histogram (each when defined) as
+    ``cat_dir/plots/*.png``; returns their paths relative to ``cat_dir``.
+
+    The histogram marks the image F1-max threshold and ``threshold`` (the model's calibrated
+    one), when set.
+    """
+    charts = {}
+    if measured.image_roc is not None:
+        charts["roc"] = report.roc_plot(measured.image_roc, measured.values["image_auroc"],
+                                        f"{category}: image ROC curve")
+    if measured.pro is not None:
+        charts["pro"] = report.pro_plot(measured.pro, measured.values["aupro"],
+                                        f"{category}: PRO curve (pixels)")
+    f1 = measured.image_f1
+    thresholds = {}
+    if f1 is not None:
+        thresholds[f"F1-max threshold {f1.threshold:.4f} (F1 {f1.f1:.3f})"] = f1.threshold
+    if threshold is not None:
+        thresholds[f"calibrated threshold {threshold:.4f} (normal images)"] = threshold
+    labels = np.asarray(labels, bool)
+    charts["score_histogram"] = report.score_histogram(
+        {f"normal (n={np.count_nonzero(~labels)})": scores[~labels],
+         f"anomalous (n={np.count_nonzero(labels)})": scores[labels]},
+        thresholds, f"{category}: test image scores")
+    out = []
+    for name, img in charts.items():
+        rel = f"plots/{name}.png"
+        report.save_png(img, cat_dir / rel)
+        out.append(rel)
+    return out
+
+
 def summarize(results: list[dict], out_dir: Path, run_settings: dict, warnings: list[str]) -> dict:
     """Writes results.json, results.csv and report.html over all categories; returns the summary."""
     mean = {"category": "mean"}
@@ -263,8 +302,14 @@ def summarize(results: list[dict], out_dir: Path, run_settings: dict, warnings: 
     _write_json(out_dir / "results.json", summary)
     _write_csv(out_dir / "results.csv", CSV_COLUMNS, results + [mean])
     notes = warnings + [f"{k}: {v}" for k, v in run_settings.items() if k != "config"]
-    galleries = {f"{r['category']}: most and least anomalous test images (image | ground truth | heatmap)":
-                 [f"{r['category']}/{p}" for p in r.get("overlays", [])] for r in results}
+    galleries = []
+    for r in results:
+        cat = r["category"]
+        galleries += [report.Gallery(f"{cat}: curves and score histogram",
+                                     [f"{cat}/{p}" for p in r.get("plots", [])], natural_size=True),
+                      report.Gallery(f"{cat}: most and least anomalous test images "
+                                     "(image | ground truth | heatmap)",
+                                     [f"{cat}/{p}" for p in r.get("overlays", [])])]
     report.write_html(out_dir / "report.html", "protoad_jax results", notes, CSV_COLUMNS,
                       results + [mean], galleries)
     return summary

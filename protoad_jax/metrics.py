@@ -1,4 +1,5 @@
-"""Evaluation metrics (SPEC.md section 3): image/pixel AUROC, AU-PRO, F1-max.
+"""Evaluation metrics (docs/METHOD.md): image/pixel AUROC, AU-PRO, F1-max, and the ROC and PRO
+curves they integrate (the report plots exactly these curves).
 
 Metrics run on the host in plain NumPy, exactly (no binning): every threshold is a distinct
 score value, found by one sort of all scores. A score ``>= threshold`` is predicted anomalous.
@@ -28,6 +29,21 @@ class F1Max(NamedTuple):
 
     f1: float
     threshold: float
+
+
+class Curve(NamedTuple):
+    """An ROC or PRO curve through every distinct score, from the strictest threshold.
+
+    fpr: [t + 1] false positive rate, non-decreasing, from 0 (threshold +inf: nothing flagged)
+      to 1 (the lowest score: everything flagged).
+    y: [t + 1] true positive rate (ROC) or per-region overlap (PRO) at each point, non-decreasing.
+    thresholds: [t + 1] the score threshold of each point (``score >= threshold`` is flagged),
+      descending, ``thresholds[0] = +inf``; NaN for a point interpolated by ``curve_up_to``.
+    """
+
+    fpr: np.ndarray
+    y: np.ndarray
+    thresholds: np.ndarray
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -97,6 +113,16 @@ def _counts(y: np.ndarray, srt: _Sorted):
     return (srt.last + 1) - tps, tps
 
 
+def _roc_curve(y: np.ndarray, srt: _Sorted) -> Curve | None:
+    num_pos = int(np.count_nonzero(y))
+    num_neg = y.size - num_pos
+    if num_pos == 0 or num_neg == 0:
+        return None
+    fps, tps = _counts(y, srt)
+    return Curve(np.concatenate([[0.0], fps / num_neg]), np.concatenate([[0.0], tps / num_pos]),
+                 np.concatenate([[np.inf], srt.thresholds.astype(np.float64)]))
+
+
 def _auroc(y: np.ndarray, srt: _Sorted) -> float | None:
     num_pos = int(np.count_nonzero(y))
     num_neg = y.size - num_pos
@@ -137,6 +163,23 @@ def image_auroc(labels: Any, scores: Any) -> float | None:
     """
     y, s = _pair(labels, scores, ("labels", "scores"), 1, "image_auroc")
     return _auroc(y, _sort(s))
+
+
+def roc_curve(labels: Any, scores: Any) -> Curve | None:
+    """Image-level ROC curve, every distinct score a point; ``image_auroc`` is its trapezoid area.
+
+    Equals sklearn ``roc_curve(labels, scores, drop_intermediate=False)``.
+
+    Args:
+      labels: [n] bool or 0/1, True = anomalous.
+      scores: [n] anomaly scores.
+    Returns:
+      ``Curve(fpr, tpr, thresholds)`` from (0, 0) to (1, 1), or None when only one class is present.
+    Raises:
+      ValueError: shapes differ, labels are not binary, or scores contain NaN.
+    """
+    y, s = _pair(labels, scores, ("labels", "scores"), 1, "roc_curve")
+    return _roc_curve(y, _sort(s))
 
 
 def pixel_auroc(masks: Any, maps: Any) -> float | None:
@@ -191,12 +234,9 @@ def pixel_f1_max(masks: Any, maps: Any) -> F1Max | None:
 def aupro(masks: Any, maps: Any, fpr_limit: float = AUPRO_FPR_LIMIT) -> float | None:
     """Normalised area under the per-region-overlap curve up to ``fpr_limit`` (MVTec official).
 
-    Ground-truth regions are the 8-connected components of each image's mask. At each distinct
-    threshold, FPR is over the normal pixels of all images pooled and PRO is the mean, over all
-    regions of all images, of the fraction of the region at or above the threshold. The curve
-    (with (0, 0) and (1, 1) added) is integrated by the trapezoid rule up to ``fpr_limit``,
-    interpolating linearly at ``fpr_limit``, and divided by ``fpr_limit``. Computed exactly from
-    one sort of all pixels (the official code does the same, with a float32 FPR).
+    The area of ``curve_up_to(pro_curve(masks, maps), fpr_limit)`` by the trapezoid rule, divided
+    by ``fpr_limit``; see ``pro_curve``. Computed exactly from one sort of all pixels (the
+    official code does the same, with a float32 FPR).
 
     Args:
       masks: [n, h, w] bool or 0/1 ground truth.
@@ -211,10 +251,30 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = AUPRO_FPR_LIMIT) -> float | 
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"aupro: fpr_limit must be in (0, 1], got {fpr_limit}")
     y, s = _pair(masks, maps, ("masks", "maps"), 3, "aupro")
-    return _aupro(y, _sort(s), fpr_limit)
+    return _aupro(_pro_curve(y, _sort(s)), fpr_limit)
 
 
-def _aupro(y: np.ndarray, srt: _Sorted, fpr_limit: float) -> float | None:
+def pro_curve(masks: Any, maps: Any) -> Curve | None:
+    """The per-region-overlap curve: PRO against pixel FPR at every distinct map value.
+
+    Ground-truth regions are the 8-connected components of each image's mask. At each threshold,
+    FPR is over the normal pixels of all images pooled and PRO is the mean, over all regions of
+    all images, of the fraction of the region at or above the threshold.
+
+    Args:
+      masks: [n, h, w] bool or 0/1 ground truth.
+      maps: [n, h, w] anomaly maps.
+    Returns:
+      ``Curve(fpr, pro, thresholds)`` from (0, 0) to FPR 1, or None when there is no anomalous
+      region or no normal pixel.
+    Raises:
+      ValueError: shapes differ or are not [n, h, w], masks not binary, or maps contain NaN.
+    """
+    y, s = _pair(masks, maps, ("masks", "maps"), 3, "pro_curve")
+    return _pro_curve(y, _sort(s))
+
+
+def _pro_curve(y: np.ndarray, srt: _Sorted) -> Curve | None:
     from scipy import ndimage  # lazy: keeps `import protoad_jax.metrics` cheap
 
     # 8-connectivity within each image, none across images: a 3x3x3 structure whose only
@@ -238,31 +298,69 @@ def _aupro(y: np.ndarray, srt: _Sorted, fpr_limit: float) -> float | None:
     pro = pro_step[regions_sorted]
     del regions_sorted
     pro = np.cumsum(pro, out=pro)[srt.last]
-    fpr = np.minimum(fp / num_normal, 1.0)
-    pro = np.minimum(pro, 1.0)
-    fpr = np.concatenate([[0.0], fpr, [1.0]])
-    pro = np.concatenate([[0.0], pro, [1.0]])
-    return float(_trapezoid_to(fpr, pro, fpr_limit) / fpr_limit)
+    # The lowest threshold flags every pixel: FPR 1 exactly, PRO 1 up to rounding (capped at 1).
+    fpr = np.concatenate([[0.0], np.minimum(fp / num_normal, 1.0)])
+    pro = np.concatenate([[0.0], np.minimum(pro, 1.0)])
+    return Curve(fpr, pro, np.concatenate([[np.inf], srt.thresholds.astype(np.float64)]))
 
 
-def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
-    """Trapezoid area under y(x) for x <= x_max, interpolating at x_max (MVTec ``trapezoid``).
+def _aupro(curve: Curve | None, fpr_limit: float) -> float | None:
+    if curve is None:
+        return None
+    return _area(curve_up_to(curve, fpr_limit)) / fpr_limit
 
-    ``x`` is non-decreasing, ``x[0] <= x_max <= x[-1]``; repeated x (vertical steps) add nothing.
+
+def curve_up_to(curve: Curve, fpr_max: float) -> Curve:
+    """The part of a curve with ``fpr <= fpr_max``, ending at ``fpr_max`` (MVTec ``trapezoid``).
+
+    When no point has ``fpr == fpr_max``, the segment crossing it is interpolated linearly and the
+    new end point gets threshold NaN. Points with repeated FPR (vertical steps) are kept.
+
+    Args:
+      curve: a ``Curve`` from ``roc_curve`` or ``pro_curve`` (FPR from 0 to 1).
+      fpr_max: in [0, 1].
+    Returns:
+      The clipped ``Curve``; its trapezoid area divided by ``fpr_max`` is the normalised area.
     """
-    keep = int(np.searchsorted(x, x_max, side="right"))  # x[:keep] <= x_max < x[keep:]
-    area = float(np.sum(0.5 * (y[1:keep] + y[:keep - 1]) * np.diff(x[:keep])))
-    if x[keep - 1] < x_max:
-        # Highest point before x_max to the first point after it.
-        x0, x1, y0, y1 = x[keep - 1], x[keep], y[keep - 1], y[keep]
-        y_max = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
-        area += 0.5 * (y0 + y_max) * (x_max - x0)
-    return area
+    x, y, t = curve
+    if not x[0] <= fpr_max <= x[-1]:
+        raise ValueError(f"curve_up_to: fpr_max {fpr_max} is outside the curve's FPR range "
+                         f"[{x[0]}, {x[-1]}]")
+    keep = int(np.searchsorted(x, fpr_max, side="right"))  # x[:keep] <= fpr_max < x[keep:]
+    if x[keep - 1] == fpr_max:
+        return Curve(x[:keep], y[:keep], t[:keep])
+    # Highest point before fpr_max to the first point after it.
+    x0, x1, y0, y1 = x[keep - 1], x[keep], y[keep - 1], y[keep]
+    y_end = y0 + (y1 - y0) * (fpr_max - x0) / (x1 - x0)
+    return Curve(np.append(x[:keep], fpr_max), np.append(y[:keep], y_end),
+                 np.append(t[:keep], np.nan))
+
+
+def _area(curve: Curve) -> float:
+    """Trapezoid area under the curve (vertical steps add nothing)."""
+    x, y, _ = curve
+    return float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)))
+
+
+class Evaluation(NamedTuple):
+    """``evaluate_all``'s metrics and the curves and threshold behind them (None where undefined).
+
+    values: the ``evaluate_all`` dict.
+    image_roc: image-level ROC curve; ``values["image_auroc"]`` is its trapezoid area.
+    pro: PRO curve (full FPR range); ``values["aupro"]`` is the normalised area of
+      ``curve_up_to(pro, AUPRO_FPR_LIMIT)``.
+    image_f1: image F1-max and the highest score threshold attaining it.
+    """
+
+    values: dict[str, float | None]
+    image_roc: Curve | None
+    pro: Curve | None
+    image_f1: F1Max | None
 
 
 def evaluate_all(image_labels: Any, image_scores: Any, masks: Any | None,
                  maps: Any | None) -> dict[str, float | None]:
-    """All SPEC.md section 3 metrics of one test set.
+    """All the metrics of one test set (docs/METHOD.md).
 
     Args:
       image_labels: [n] bool or 0/1, True = anomalous image.
@@ -275,26 +373,40 @@ def evaluate_all(image_labels: Any, image_scores: Any, masks: Any | None,
     Raises:
       ValueError: inconsistent shapes or image counts, non-binary labels/masks, NaN scores.
     """
-    image_f1 = f1_max(image_labels, image_scores)
+    return evaluate_with_curves(image_labels, image_scores, masks, maps).values
+
+
+def evaluate_with_curves(image_labels: Any, image_scores: Any, masks: Any | None,
+                         maps: Any | None) -> Evaluation:
+    """``evaluate_all`` plus the image ROC curve, the PRO curve and the image F1-max threshold.
+
+    Same arguments and errors as ``evaluate_all``; the metrics are computed from the returned
+    curves, so a plot of them shows exactly what was measured.
+    """
+    yi, si = _pair(image_labels, image_scores, ("image_labels", "image_scores"), 1, "evaluate_all")
+    image_sorted = _sort(si)
+    image_f1 = _f1_max(yi, image_sorted)
+    image_roc = _roc_curve(yi, image_sorted)
     out = {
-        "image_auroc": image_auroc(image_labels, image_scores),
+        "image_auroc": _auroc(yi, image_sorted),
         "pixel_auroc": None,
         "aupro": None,
         "image_f1_max": None if image_f1 is None else image_f1.f1,
         "pixel_f1_max": None,
     }
     if masks is None:
-        return out
+        return Evaluation(out, image_roc, None, image_f1)
     if maps is None:
         raise ValueError("evaluate_all: masks were given but maps is None")
-    n, n_masks = np.shape(image_labels)[0], np.shape(masks)[0]
+    n, n_masks = yi.shape[0], np.shape(masks)[0]
     if n_masks != n:
         raise ValueError(f"evaluate_all: {n} image labels but masks hold {n_masks} images "
                          f"(masks shape {np.shape(masks)})")
     y, s = _pair(masks, maps, ("masks", "maps"), 3, "evaluate_all")
     srt = _sort(s)  # one sort of all pixels serves the three pixel metrics
     pixel_f1 = _f1_max(y, srt)
+    pro = _pro_curve(y, srt)
     out["pixel_auroc"] = _auroc(y, srt)
-    out["aupro"] = _aupro(y, srt, AUPRO_FPR_LIMIT)
+    out["aupro"] = _aupro(pro, AUPRO_FPR_LIMIT)
     out["pixel_f1_max"] = None if pixel_f1 is None else pixel_f1.f1
-    return out
+    return Evaluation(out, image_roc, pro, image_f1)

@@ -11,7 +11,8 @@ Commands:
 
 It prints one table row per category and the mean (image AUROC, pixel AUROC, AU-PRO, image and
 pixel F1-max, K, seconds) and writes O/results.json, O/results.csv, O/report.html and, per
-category, O/<category>/{model.npz, scores.csv, result.json, overlays/*.png[, maps/<type>/<name>.npy]}.
+category, O/<category>/{model.npz, scores.csv, result.json, overlays/*.png, plots/*.png
+[, maps/<type>/<name>.npy]} (plots: image ROC, PRO curve, score histogram).
 Finished categories are skipped on a rerun unless --overwrite.
 An unreadable image stops the run with one line naming it, e.g.
   error: image file D/bottle/test/good/001.png: cannot decode (UnidentifiedImageError: cannot identify

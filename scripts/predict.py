@@ -18,6 +18,7 @@ defect mask at the original image size) and an entry in O/regions.json (8-connec
 area, bounding box, peak score and centroid in original pixel coordinates; pixels outside the
 center crop the model sees are not scored). An unreadable image stops the run with one line
 naming it, unless --skip_bad_images.
+Also O/score_histogram.png (the scored inputs' scores, with the threshold).
 Threshold rule with --calibrate_dir: the --calibrate_quantile (default 0.99) quantile of the
 image scores of the normal images in that folder (numpy linear interpolation); an image is
 anomalous when its score is above it. The threshold and its rule are saved into the model file,
@@ -53,7 +54,7 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def main(argv):
     del argv
-    from protoad_jax import data, prediction, xla_cpu
+    from protoad_jax import data, prediction, report, xla_cpu
 
     xla_cpu.tune()  # before any JAX computation
     if (FLAGS.model is None) == (FLAGS.exported is None):
@@ -63,10 +64,11 @@ def main(argv):
     out = Path(FLAGS.output_dir)
     summary = prediction.write_predictions(out, paths, scored, threshold, root=FLAGS.input,
                                            resize=config.resize, crop=config.image_size)
+    report.write_score_histogram(out / "score_histogram.png", scored.scores, threshold)
     for r in summary.rows:
         print(r.line())
     print(f"{summary.line()}; wrote {out / 'predictions.csv'}, {out / 'regions.json'}, {out / 'overlays'}/, "
-          f"{out / 'masks'}/")
+          f"{out / 'masks'}/, {out / 'score_histogram.png'}")
 
 
 def _score_exported(paths):

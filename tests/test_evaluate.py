@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protoad_jax import Config, data, demo, evaluation, load_model, weights
+from protoad_jax import Config, data, demo, evaluation, load_model, metrics, report, weights
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = Config(resize=128, image_size=112, num_prototypes=40)  # small grids keep the suite fast
@@ -70,6 +70,22 @@ def test_run_category_mvtec_layout_outputs_and_metrics(tmp_path, net):
     assert len(maps) == 7 and np.load(maps[0]).shape == (112, 112) and np.load(maps[0]).dtype == np.float32
     assert len(list((cat / "overlays").glob("*.png"))) == 4
     assert json.loads((cat / "result.json").read_text())["num_test"] == 7
+    # Charts: valid PNGs of the documented size, one per defined curve.
+    assert res["plots"] == ["plots/roc.png", "plots/pro.png", "plots/score_histogram.png"]
+    for rel in res["plots"]:
+        with Image.open(cat / rel) as img:
+            assert img.format == "PNG" and img.size == report.PLOT_SIZE, (rel, img.format, img.size)
+            img.verify()
+    # The ROC drawn is the one measured: its area (numpy trapezoid) is the reported image AUROC,
+    # and the F1-max threshold attains the reported F1-max, from the scores written to scores.csv.
+    labels = np.array([r["label"] == "1" for r in rows])
+    scores = np.array([float(r["score"]) for r in rows])
+    roc = metrics.roc_curve(labels, scores)
+    err = abs(np.trapezoid(roc.y, roc.fpr) - res["image_auroc"])
+    pred = scores >= res["image_f1_threshold"]
+    f1 = 2 * np.sum(pred & labels) / (pred.sum() + labels.sum())
+    print(f"ROC area err {err:.2e}; F1 at the threshold {f1:.4f}, reported {res['image_f1_max']:.4f}")
+    assert err <= 1e-9 and abs(f1 - res["image_f1_max"]) <= 1e-9
 
 
 def test_btad_layout(tmp_path, net):
@@ -148,6 +164,10 @@ def test_evaluate_cli_resume_and_predict(tmp_path, weights_npz):
         assert [r["category"] for r in csv.DictReader(f)] == ["demo_object", "demo_texture", "mean"]
     html = (out / "report.html").read_text()
     assert "demo_texture" in html and "overlays/" in html
+    for cat in ("demo_object", "demo_texture"):
+        for name in ("roc", "pro", "score_histogram"):
+            assert f"src='{cat}/plots/{name}.png'" in html, (cat, name)
+            assert (out / cat / "plots" / f"{name}.png").is_file()
 
     # Held-out normal images (another seed) calibrate; the training images would score too low.
     # A random-init backbone separates the demo's small, realistic defects only weakly at the
@@ -178,6 +198,8 @@ def test_evaluate_cli_resume_and_predict(tmp_path, weights_npz):
     assert all(flagged_bad), flagged_bad
     assert sum(flagged_good) <= 1, flagged_good
     assert len(list((tmp_path / "pred" / "overlays").glob("*.png"))) == len(rows) == 8
+    with Image.open(tmp_path / "pred" / "score_histogram.png") as img:
+        assert img.format == "PNG" and img.size == report.PLOT_SIZE
     # Each flagged stain has a defect region over the stain (its centre inside the region's box).
     found = {e["path"]: e for e in json.loads((tmp_path / "pred" / "regions.json").read_text())["images"]}
     for i in range(4):

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score
+from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
 from protoad_jax import metrics
 
@@ -123,6 +123,47 @@ def test_jax_inputs():
     assert metrics.aupro(jnp.asarray(masks), jnp.asarray(maps)) == metrics.aupro(masks, maps)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_roc_curve_matches_sklearn_and_its_area_is_auroc(seed):
+    rng = np.random.default_rng(100 + seed)
+    n = 30 + 23 * seed
+    labels = rng.random(n) < 0.5
+    scores = np.round(rng.normal(size=n) + 1.5 * labels, 1).astype(np.float32)  # ties
+    got = metrics.roc_curve(labels, scores)
+    fpr, tpr, thr = roc_curve(labels, scores, drop_intermediate=False)
+    assert got.fpr.shape == fpr.shape, (got.fpr.shape, fpr.shape)
+    err_pts = max(np.max(np.abs(got.fpr - fpr)), np.max(np.abs(got.y - tpr)))
+    assert np.isinf(got.thresholds[0]) and np.isinf(thr[0])
+    err_thr = np.max(np.abs(got.thresholds[1:] - thr[1:]))
+    area = np.trapezoid(got.y, got.fpr)  # numpy's trapezoid on the returned points
+    err_area = max(abs(area - roc_auc_score(labels, scores)),
+                   abs(area - metrics.image_auroc(labels, scores)))
+    print(f"\nroc seed {seed}: {len(fpr)} points, point err {err_pts:.2e}, "
+          f"threshold err {err_thr:.2e}, area {area:.6f} err {err_area:.2e}")
+    assert err_pts <= TOL and err_thr == 0.0 and err_area <= TOL, f"tolerance {TOL}"
+    assert metrics.roc_curve(np.zeros(n, bool), scores) is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_f1_max_threshold_matches_sklearn_pr_curve(seed):
+    """The F1-max threshold is the highest of sklearn's precision_recall_curve thresholds where
+    F1 is maximal."""
+    rng = np.random.default_rng(200 + seed)
+    n = 25 + 19 * seed
+    labels = rng.random(n) < 0.45
+    scores = np.round(rng.normal(size=n) + labels, 1)
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    p, r = precision[:-1], recall[:-1]  # the last point (recall 0) has no threshold
+    f1 = np.where(p + r > 0, 2 * p * r / np.where(p + r > 0, p + r, 1), 0.0)
+    want = thresholds[f1 >= f1.max() - 1e-12].max()
+    got = metrics.f1_max(labels, scores)
+    ev = metrics.evaluate_with_curves(labels, scores, None, None)
+    print(f"\nf1 threshold seed {seed}: got {got.threshold} sklearn {want}, f1 {got.f1:.4f} "
+          f"vs {f1.max():.4f}")
+    assert got.threshold == want and abs(got.f1 - f1.max()) <= TOL
+    assert ev.image_f1 == got
+
+
 # --- AU-PRO vs brute force ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", range(6))
@@ -134,6 +175,42 @@ def test_aupro_matches_brute_force(seed):
     print(f"\naupro seed {seed}: {got:.6f} vs brute force {want:.6f}, err {err:.2e}, "
           f"0.3 hit exactly: {bool(np.any(fprs == 0.3))}")
     assert err <= TOL, f"tolerance {TOL}"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pro_curve_matches_brute_force_and_its_area_is_aupro(seed):
+    masks, maps = synthetic(20 + seed, n=7, levels=6 + seed)
+    got = metrics.pro_curve(masks, maps)
+    _, x, y = brute_force_aupro(masks, maps)  # one point per threshold, +inf first
+    assert got.fpr.shape == x.shape, (got.fpr.shape, x.shape)
+    err_pts = max(np.max(np.abs(got.fpr - x)), np.max(np.abs(got.y - y)))
+    want_thr = np.append(np.inf, np.unique(maps)[::-1])
+    assert np.array_equal(got.thresholds, want_thr)
+    # The plotted part: every point up to 0.3, ending exactly at 0.3.
+    part = metrics.curve_up_to(got, 0.3)
+    assert part.fpr[-1] == 0.3 and np.all(part.fpr <= 0.3) and np.all(np.diff(part.fpr) >= 0)
+    area = np.trapezoid(part.y, part.fpr) / 0.3
+    labels = masks.reshape(len(masks), -1).any(1)
+    ev = metrics.evaluate_with_curves(labels, maps.max((1, 2)), masks, maps)
+    err_area = max(abs(area - metrics.aupro(masks, maps)), abs(area - ev.values["aupro"]))
+    print(f"\npro curve seed {seed}: {len(x)} points, point err {err_pts:.2e}, "
+          f"area {area:.6f} err {err_area:.2e}")
+    assert err_pts <= TOL and err_area <= TOL, f"tolerance {TOL}"
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(ev.pro, got))
+    assert metrics.pro_curve(np.zeros_like(masks), maps) is None
+
+
+def test_curve_up_to():
+    curve = metrics.Curve(np.array([0.0, 0.0, 0.2, 0.2, 0.5, 1.0]),
+                          np.array([0.0, 0.4, 0.5, 0.7, 0.9, 1.0]),
+                          np.array([np.inf, 5, 4, 3, 2, 1.0]))
+    hit = metrics.curve_up_to(curve, 0.2)  # a vertical step at the limit: both points kept
+    assert hit.fpr.tolist() == [0.0, 0.0, 0.2, 0.2] and hit.y.tolist() == [0.0, 0.4, 0.5, 0.7]
+    mid = metrics.curve_up_to(curve, 0.3)  # interpolated between (0.2, 0.7) and (0.5, 0.9)
+    assert mid.fpr.tolist() == [0.0, 0.0, 0.2, 0.2, 0.3] and np.isnan(mid.thresholds[-1])
+    assert abs(mid.y[-1] - (0.7 + 0.2 / 3)) <= TOL, mid.y[-1]
+    with pytest.raises(ValueError, match="outside the curve's FPR range"):
+        metrics.curve_up_to(curve, 1.5)
 
 
 def test_aupro_curve_missing_and_hitting_limit():
