@@ -1,4 +1,4 @@
-"""The method's settings, in one frozen dataclass (SPEC.md sections 1 and 2)."""
+"""The method's settings, in one frozen dataclass (docs/METHOD.md sections 1 and 2)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ EMBED_CHANNELS = 256 + 512 + 1024  # layer1..3 widths of every bottleneck ResNet
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """ProtoAD settings. Defaults follow SPEC.md; every field is stored with a fitted model.
+    """ProtoAD settings. Defaults follow docs/METHOD.md; every field is stored with a fitted model.
 
     Attributes:
       arch: backbone, a key of ``backbone.ARCHS``.

@@ -1,9 +1,9 @@
 """Dataset readers (MVTec AD, BTAD, a generic folder) and the reference's PIL preprocessing.
 
-Preprocessing is SPEC.md section 1, identical to the torchvision pipeline of the reference code:
-``Image.open(p).convert("RGB")`` -> ``Resize(256, LANCZOS)`` -> ``CenterCrop(224)`` -> ``ToTensor``
--> ``Normalize(ImageNet)``, but returned HWC as numpy float32 (``[crop, crop, 3]``). Masks follow
-SPEC.md section 3: NEAREST resize, same crop, ``> 0``.
+Preprocessing is docs/METHOD.md section 1, identical to the torchvision pipeline of the
+reference code: ``Image.open(p).convert("RGB")`` -> ``Resize(256, LANCZOS)`` -> ``CenterCrop(224)``
+-> ``ToTensor`` -> ``Normalize(ImageNet)``, but returned HWC as numpy float32 (``[crop, crop, 3]``).
+Masks follow docs/METHOD.md section 3: NEAREST resize, same crop, ``> 0``.
 
 Readers return plain NamedTuples listing files in sorted order; nothing is decoded until
 ``batched`` / ``load_images`` / ``load_masks`` stream it through a thread pool (PIL releases the

@@ -106,7 +106,7 @@ def load_result(path: Path) -> dict[str, Any]:
 
 
 def settings(config: Config, weights_desc: str) -> dict[str, Any]:
-    """The settings every results table states (SPEC.md section 3)."""
+    """The settings every results table states (docs/METHOD.md section 3)."""
     return {
         "weights": weights_desc,
         "preprocessing": (f"RGB; shorter side to {config.resize} with PIL LANCZOS; center crop "

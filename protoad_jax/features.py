@@ -1,4 +1,6 @@
-"""Per-image patch embedding: layer1..3 features -> one ``[56, 56, 1792]`` map (SPEC.md section 1).
+"""Per-image patch embedding: layer1..3 features -> one ``[56, 56, 1792]`` map.
+
+docs/METHOD.md section 1.
 
 The reference upsamples layer3 x2 (nearest) and concatenates it after layer2, then upsamples
 that x2 and concatenates it after layer1: channel order [layer1, layer2, layer3], no pooling,

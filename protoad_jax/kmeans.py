@@ -1,6 +1,6 @@
 """k-means (Lloyd) with k-means++ seeding, Euclidean or spherical, chunked over the samples.
 
-SPEC.md section 2. ``kmeans`` is the public entry point: it validates its inputs on the host and
+docs/METHOD.md section 2. ``kmeans`` is the public entry point: it validates its inputs on the host and
 calls ``_kmeans``, the one jitted function of this module (static ``k``, ``max_iters``, ``tol``,
 ``spherical``, ``chunk``). Everything inside is ``lax`` control flow over fixed shapes:
 

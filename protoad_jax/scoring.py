@@ -1,7 +1,7 @@
 """Per-image ProtoAD head: normalise, prototype matmul, channel max, 1 - x, upsample, blur, score.
 
-SPEC.md section 1. Every function is pure and per image (batch with ``jax.vmap``); sizes, sigma,
-truncate, image-score mode and chunk size are static Python values. The fixed linear maps
+docs/METHOD.md section 1. Every function is pure and per image (batch with ``jax.vmap``); sizes,
+sigma, truncate, image-score mode and chunk size are static Python values. The fixed linear maps
 (bilinear upsampling, Gaussian blur) are built once per size in NumPy, float64, and applied as
 small matrices, which reproduces OpenCV / SciPy exactly up to float32 rounding.
 """
@@ -255,7 +255,7 @@ def gaussian_blur(m: jax.typing.ArrayLike, sigma: float = 4.0, truncate: float =
 def score_image(embedding: jax.typing.ArrayLike, prototypes: jax.typing.ArrayLike, *,
                 out_size: tuple[int, int] = (224, 224), sigma: float = 4.0, truncate: float = 4.0,
                 image_score: str = "smoothed_max", chunk_size: int | None = None) -> ScoreResult:
-    """The full per-image head of SPEC.md section 1.
+    """The full per-image head of docs/METHOD.md section 1.
 
     Args:
       embedding: ``[h, w, c]`` (``[56, 56, 1792]``).

@@ -1,4 +1,5 @@
-"""The PyTorch reference of SPEC.md section 1, written from the spec alone; a test oracle, not a CLI.
+"""The PyTorch reference of docs/METHOD.md section 1, written from the method alone; a test
+oracle, not a CLI.
 
 Import it (``sys.path.insert(0, "<repo>/scripts")``; ``import torch_reference``) from tests and from
 the parity script. It follows the published ProtoAD inference code: torchvision transforms,

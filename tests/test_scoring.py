@@ -1,4 +1,7 @@
-"""Embedding and scoring head against torch, cv2, scipy and a NumPy transcription (SPEC.md section 1)."""
+"""Embedding and scoring head against torch, cv2, scipy and a NumPy transcription.
+
+docs/METHOD.md section 1.
+"""
 
 import functools
 import pathlib
