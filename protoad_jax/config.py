@@ -35,7 +35,7 @@ class Config:
       spherical: k-means with cosine assignment on L2-normalised patches.
       max_patches: subsample the training patches to at most this many (seeded); None = all;
         ``"auto"`` (default) = all on GPU/TPU, ``CPU_MAX_PATCHES`` on CPU, where exact FINCH
-        costs O(n^2 d) (50k patches: 69 s on 2 cores; 1.23M projected at ~11 h).
+        costs O(n^2 d) (timings: BENCHMARKS.md, ``scripts/benchmark.py scale``).
       seed: PRNG seed for subsampling and k-means++.
       dtype: backbone compute dtype, ``"float32"`` or ``"bfloat16"``.
     """

@@ -148,8 +148,8 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     Half-pixel centres ``src = (dst + 0.5) * n_in / n_out - 0.5``, clamped to ``[0, n_in - 1]``
     (cv2 uses pixel 0 below 0 and pixel ``n_in - 1`` above it, i.e. replicated borders).
     OpenCV 4/5 computes these weights in double precision for float images (no fixed point:
-    that is only for 8-bit images), so float64 input matches cv2 to ~1e-15 and float32 input to
-    float32 rounding. One cv2 special case is not mirrored: downscaling by exactly 2 switches
+    that is only for 8-bit images), so float64 input matches cv2 to float64 rounding and float32
+    input to float32 rounding. One cv2 special case is not mirrored: downscaling by exactly 2 switches
     cv2 to INTER_AREA, which equals this formula for exact halving anyway.
     """
     if n_in < 1 or n_out < 1:

@@ -343,7 +343,7 @@ def extract_archive(archive: Path, out: Path) -> Path:
 
 
 def _png(array: np.ndarray) -> bytes:
-    # zlib level 1: lossless like any level, 3x faster to write than PIL's default 6, ~10% larger.
+    # zlib level 1: lossless like any level, faster to write than PIL's default 6, a little larger.
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

@@ -15,11 +15,12 @@ model with K=8 raw prototypes fitted on the two scikit-learn sample photographs,
   reference: torchvision wide_resnet50_2 from WEIGHTS.pth; model MODEL.npz: K=8 prototypes, normalize_prototypes=False, image_score=smoothed_max, sigma=4.0
   max |torch - jax| per image (score = torch / jax):
   image                                 input  patch_map        map      score  torch / jax score
-  china.png                         0.000e+00  8.941e-07  5.942e-07  4.470e-08  0.156422 / 0.156422
-  flower.png                        0.000e+00  8.345e-07  5.439e-07  1.639e-07  0.152271 / 0.152271
-  overall                           0.000e+00  8.941e-07  5.942e-07  1.639e-07  2 images
-Columns: the preprocessed input [224, 224, 3], the 56 x 56 patch map, the smoothed 224 x 224 map
-and the image score. With --tol=T the exit status is 1 when an overall column exceeds T.
+  china.png                         <err>      <err>      <err>      <err>      <score> / <score>
+  flower.png                        <err>      <err>      <err>      <err>      <score> / <score>
+  overall                           <err>      <err>      <err>      <err>      2 images
+Columns: the max abs difference of the preprocessed input [224, 224, 3], the 56 x 56 patch map,
+the smoothed 224 x 224 map and the image score. With --tol=T the exit status is 1 when an overall
+column exceeds T. Measured errors: the README's parity table and the command beside it.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ Command and what it prints (a random-weight wide_resnet50_2 .pth here; the real 
 its own sha256, starting 95faca4d):
   python scripts/convert_weights.py --source=PATH_OR_URL --output=OUT.npz
   source: PATH_OR_URL
-  source sha256: 5203033eadd6f229f4992d7272984f247f73411d05b483e5dea0f4924ca9fe8e
+  source sha256: <64 hex digits>
   wrote OUT.npz: 215 arrays (params 129, batch_stats 86), 24,862,528 parameters, arch wide_resnet50_2, stages layer1,layer2,layer3
-  OUT.npz sha256: 9c9df14b22cc6e5b0ae7c5ffb9a02035f19df0687520c261b106b21011f41cfb
+  OUT.npz sha256: <64 hex digits>
   metadata: OUT.json
 With --include_layer4: 267 arrays (params 161, batch_stats 106), 68,883,240 parameters.
 
