@@ -6,7 +6,7 @@ reference code: ``Image.open(p).convert("RGB")`` -> ``Resize(256, LANCZOS)`` -> 
 Masks follow docs/METHOD.md section 3: NEAREST resize, same crop, ``> 0``.
 
 Readers return plain NamedTuples listing files in sorted order; nothing is decoded until
-``batched`` / ``load_images`` / ``load_masks`` stream it through a thread pool (PIL releases the
+``batched`` / ``load_masks`` stream it through a thread pool (PIL releases the
 GIL while decoding and resizing) with bounded prefetch and deterministic order.
 """
 
@@ -106,8 +106,9 @@ def _check_sizes(resize: int, crop: int) -> None:
             f"expected integers 0 < crop <= resize, got resize={resize!r}, crop={crop!r}")
 
 
-def _open(path: str | os.PathLike) -> Image.Image:
-    """Opens and fully decodes ``path``; any failure is a ``BadImageError`` that names the file."""
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Opens and fully decodes ``path`` (PIL, any mode); any failure is a ``BadImageError`` that
+    names the file."""
     try:
         # Exiting the block closes the file only; the decoded image stays usable.
         with Image.open(path) as im:
@@ -124,8 +125,9 @@ def _open(path: str | os.PathLike) -> Image.Image:
     raise BadImageError(f"image file {path}: {reason}. Remove or replace the file.", path, reason)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB like ``img.convert("RGB")`` (grayscale, palette, RGBA -> RGB; alpha is dropped)."""
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The RGB image ``preprocess_image`` starts from: like ``img.convert("RGB")`` (grayscale,
+    palette, RGBA -> RGB; alpha is dropped), but 16-bit grayscale is rescaled to 8 bits."""
     if img.mode in _WIDE_MODES:
         wide = np.asarray(img).astype(np.float64)
         img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
@@ -149,8 +151,8 @@ def preprocess_image(path_or_pil: str | os.PathLike | Image.Image, resize: int =
       ValueError: ``crop > resize``.
     """
     _check_sizes(resize, crop)
-    img = path_or_pil if isinstance(path_or_pil, Image.Image) else _open(path_or_pil)
-    img = _to_rgb(img)
+    img = path_or_pil if isinstance(path_or_pil, Image.Image) else open_image(path_or_pil)
+    img = to_rgb(img)
     size = resized_size(*img.size, resize)
     if size != img.size:  # torchvision returns the image untouched when the size already matches
         img = img.resize(size, Image.LANCZOS)
@@ -160,12 +162,26 @@ def preprocess_image(path_or_pil: str | os.PathLike | Image.Image, resize: int =
     return (x - _MEAN) / _STD
 
 
-def _mask_mode(img: Image.Image) -> Image.Image:
-    # NEAREST picks pixels without mixing, so binarising after the resize equals binarising
-    # before it. Palette and alpha modes become colour so that "> 0" means "not black".
+def mask_image(path_or_pil: str | os.PathLike | Image.Image) -> Image.Image:
+    """A ground-truth mask file (or PIL image) in a mode where ``> 0`` means "not black": palette
+    and alpha modes become colour (``LA`` becomes ``L``), other modes are kept.
+
+    NEAREST resizing picks pixels without mixing them, so binarising (``binarize_mask``) after a
+    resize equals binarising before it.
+
+    Raises:
+      BadImageError: the file is missing or cannot be decoded.
+    """
+    img = path_or_pil if isinstance(path_or_pil, Image.Image) else open_image(path_or_pil)
     if img.mode in ("1", "L", "RGB", "F") or img.mode in _WIDE_MODES:
         return img
     return img.convert("L") if img.mode == "LA" else img.convert("RGB")
+
+
+def binarize_mask(img: Image.Image) -> np.ndarray:
+    """``[h, w]`` bool of a ``mask_image``: a pixel is anomalous when any channel is non-zero."""
+    m = np.asarray(img) > 0
+    return m.any(axis=-1) if m.ndim == 3 else m
 
 
 def preprocess_mask(path_or_pil: str | os.PathLike | Image.Image, resize: int = 256,
@@ -182,12 +198,11 @@ def preprocess_mask(path_or_pil: str | os.PathLike | Image.Image, resize: int = 
       BadImageError: the file is missing or cannot be decoded.
     """
     _check_sizes(resize, crop)
-    img = _mask_mode(path_or_pil if isinstance(path_or_pil, Image.Image) else _open(path_or_pil))
+    img = mask_image(path_or_pil)
     size = resized_size(*img.size, resize)
     if size != img.size:
         img = img.resize(size, Image.NEAREST)
-    m = np.asarray(img.crop(crop_box(*img.size, crop))) > 0
-    return m.any(axis=-1) if m.ndim == 3 else m
+    return binarize_mask(img.crop(crop_box(*img.size, crop)))
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -442,7 +457,7 @@ class Batch(NamedTuple):
 
 
 class Stream:
-    """A one-shot iterable over decoded images or batches. With ``skip_bad=True``, the files that
+    """A one-shot iterable over batches. With ``skip_bad=True``, the files that
     could not be decoded are skipped, logged, and listed in ``skipped`` (``SkippedImage``, in
     input order) as iteration goes."""
 
@@ -481,29 +496,6 @@ def _decoded(paths: Sequence[str | os.PathLike], resize: int, crop: int, num_thr
             skipped.append(SkippedImage(path, x.reason))
             continue
         yield path, x
-
-
-def load_images(paths: Sequence[str | os.PathLike], resize: int = 256, crop: int = 224,
-                num_threads: int | None = None, prefetch: int | None = None,
-                skip_bad: bool = False) -> Stream:
-    """Streams ``preprocess_image`` over ``paths`` on a thread pool, in order.
-
-    Args:
-      paths: image files.
-      resize, crop: as ``preprocess_image``.
-      num_threads: decoding threads (default ``min(8, cpus)``; 1 decodes inline).
-      prefetch: images decoded ahead of the consumer (bounds memory; default ``4 * num_threads``).
-      skip_bad: skip (and list in ``.skipped``) undecodable files instead of raising.
-
-    Returns:
-      A ``Stream`` of ``[crop, crop, 3]`` float32 arrays.
-
-    Raises:
-      BadImageError: (while iterating, ``skip_bad=False``) a file is missing or undecodable.
-    """
-    _check_sizes(resize, crop)
-    return Stream(lambda skipped: (x for _, x in _decoded(
-        paths, resize, crop, num_threads, prefetch, skip_bad, skipped)))
 
 
 def pad_to(images: np.ndarray, size: int) -> np.ndarray:

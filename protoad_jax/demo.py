@@ -21,6 +21,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from protoad_jax.fileio import atomic_write
+
 TEXTURE, OBJECT = "demo_texture", "demo_object"
 CATEGORIES = (TEXTURE, OBJECT)
 DEFECTS = {
@@ -305,15 +307,9 @@ def demo_sample(category: str, split: str, index: int, seed: int = 0,
 
 
 def _save(array: np.ndarray, path: Path, fmt: str) -> None:
-    """Writes atomically: a temporary file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(array).save(tmp, format=fmt)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Writes a ``[h, w]`` or ``[h, w, 3]`` uint8 array as an image file, atomically."""
+    image = Image.fromarray(array)
+    atomic_write(path, lambda f: image.save(f, format=fmt))
 
 
 def _split_counts(n: int, kinds: tuple[str, ...]) -> dict[str, int]:
@@ -346,27 +342,6 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, n_train: int = 12,
                 _save(sample.image, cat / "test" / defect / f"{i:03d}.png", "PNG")
                 _save(sample.mask.astype(np.uint8) * 255,
                       cat / "ground_truth" / defect / f"{i:03d}_mask.png", "PNG")
-    return root
-
-
-def make_btad_like(root: str | os.PathLike, seed: int = 0, n_train: int = 4, n_test_ok: int = 2,
-                   n_test_ko: int = 3, size: int = 64) -> Path:
-    """Writes a tiny BTAD-layout dataset (category ``01``: ``train/ok``, ``test/ok``,
-    ``test/ko`` as ``.bmp``, ``ground_truth/ko/<stem>.png``) of demo textures; returns ``root``."""
-    root = Path(root)
-    cat = root / "01"
-    for i in range(n_train):
-        _save(demo_sample(TEXTURE, "train", i, seed, size).image,
-              cat / "train" / "ok" / f"{i:04d}.bmp", "BMP")
-    for i in range(n_test_ok):
-        _save(demo_sample(TEXTURE, "good", i, seed, size).image,
-              cat / "test" / "ok" / f"{i:04d}.bmp", "BMP")
-    kinds = DEFECTS[TEXTURE]
-    for i in range(n_test_ko):
-        sample = demo_sample(TEXTURE, kinds[i % len(kinds)], i // len(kinds), seed, size)
-        _save(sample.image, cat / "test" / "ko" / f"{i:04d}.bmp", "BMP")
-        _save(sample.mask.astype(np.uint8) * 255, cat / "ground_truth" / "ko" / f"{i:04d}.png",
-              "PNG")
     return root
 
 

@@ -28,8 +28,6 @@ import json
 import os
 import platform
 import re
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +39,7 @@ import numpy as np
 from jax import export as jax_export
 
 from protoad_jax.config import IMAGENET_MEAN, IMAGENET_STD
+from protoad_jax.fileio import atomic_write_dir
 
 if TYPE_CHECKING:
     from protoad_jax.pipeline import Model
@@ -182,7 +181,8 @@ def export_scorer(model: Model, variables: dict | None, output_dir: str | os.Pat
         raise ValueError(f"batch_size must be a positive integer or None (symbolic), got {batch_size!r}")
     out = Path(output_dir)
     _check_target(out)
-    fn, variables, prototypes = pipeline._scoring_parts(model, variables, chunk_size, "export_scorer")
+    fn, variables, prototypes = pipeline.scoring_parts(model, variables, chunk_size=chunk_size,
+                                                       caller="export_scorer")
     arrays = _flatten(variables)
     if PROTOTYPES in arrays:
         raise ValueError(f"backbone variables must not have a top-level {PROTOTYPES!r} entry")
@@ -210,7 +210,7 @@ def export_scorer(model: Model, variables: dict | None, output_dir: str | os.Pat
                              folded="batch_stats" not in variables)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
 
-    _write_dir(out, write)
+    atomic_write_dir(out, write, check=_check_target)
     return out
 
 
@@ -271,43 +271,6 @@ def _check_target(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
         raise ExportError(f"{out} exists and is not an export directory (no {MANIFEST}); refusing to "
                           "replace it. Choose a new or empty directory.")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_dir(out: Path, write: Callable[[Path], None]) -> None:
-    """Runs ``write(tmp)`` in a temporary directory next to ``out``, then renames it to ``out``.
-
-    An earlier export at ``out`` is moved aside first and deleted after the rename (restored if
-    the rename fails). On any failure the temporary directory is removed.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    old = None
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
-        _check_target(out)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old)  # onto the empty directory mkdtemp made
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out)
-                old = None
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- load

@@ -1,8 +1,9 @@
-"""Atomic file writes: nothing is ever left half-written."""
+"""Atomic writes of files and directories: nothing is ever left half-written."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,43 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None], *,
+                     check: Callable[[Path], None] | None = None) -> Path:
+    """Calls ``write(tmp)`` on a new temporary directory next to ``path``, then renames it into place.
+
+    ``check(path)``, when given, runs after ``write`` and before anything at ``path`` is touched
+    (it raises to refuse the replacement). An existing ``path`` is moved aside first and deleted
+    after the rename (restored if the rename fails). On any failure the temporary directory is
+    removed. The directory gets the mode ``os.mkdir`` would give (0o777 less the umask).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if check is not None:
+            check(path)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old)  # onto the empty directory mkdtemp made
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+                old = None
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return path
 
 

@@ -39,7 +39,6 @@ import logging
 import os
 import shutil
 import tarfile
-import uuid
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
@@ -48,7 +47,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 from PIL import Image
 
-from protoad_jax import data
+from protoad_jax import data, fileio
 
 try:
     import tensorflow_datasets as tfds
@@ -317,9 +316,9 @@ def extract_archive(archive: Path, out: Path) -> Path:
     """
     if out.is_dir():
         return out
-    tmp = out.with_name(f".{out.name}.incomplete-{uuid.uuid4().hex}")
     log.info("extracting %s to %s", archive, out)
-    try:
+
+    def extract(tmp: Path) -> None:
         count = 0
         for path, f in _iter_members(archive):
             dst = tmp.joinpath(*path.parts)
@@ -329,14 +328,11 @@ def extract_archive(archive: Path, out: Path) -> Path:
             count += 1
         if not count:
             raise data.DatasetError(f"archive {archive} holds no files")
-        tmp.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+
+    try:
+        return fileio.atomic_write_dir(out, extract)
     except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
         raise data.DatasetError(f"cannot extract archive {archive}: {type(e).__name__}: {e}") from e
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -368,12 +364,12 @@ def encode_image(path: Path, channels: int) -> tuple[bytes, tuple[int, int]]:
       BadImageError: the file cannot be decoded.
       DatasetError: a grayscale category holds a colour image.
     """
-    img = data._open(path)  # the reader's decoder (PIL, fully loaded, errors name the file)
+    img = data.open_image(path)  # the reader's decoder (PIL, fully loaded, errors name the file)
     if img.format == "PNG" and "transparency" not in img.info:
         raw = path.read_bytes()
         if _is_plain_png(raw, channels):
             return raw, img.size  # the original file, byte for byte
-    rgb = np.asarray(data._to_rgb(img))  # exactly the reader's conversion
+    rgb = np.asarray(data.to_rgb(img))  # exactly the reader's conversion
     if channels == 3:
         return _png(rgb), img.size
     if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all()):
@@ -389,8 +385,7 @@ def encode_mask(path: Path) -> bytes:
     Raises:
       BadImageError: the file cannot be decoded.
     """
-    m = np.asarray(data._mask_mode(data._open(path))) > 0
-    m = m.any(axis=-1) if m.ndim == 3 else m
+    m = data.binarize_mask(data.mask_image(path))
     return _png(m.astype(np.uint8) * np.uint8(255))
 
 
@@ -562,14 +557,8 @@ def preprocess_example_mask(mask: np.ndarray, resize: int = 256, crop: int = 224
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"expected a [h, w] mask, got shape {m.shape}")
-    if not (isinstance(resize, int) and isinstance(crop, int) and 0 < crop <= resize):
-        raise ValueError(
-            f"expected integers 0 < crop <= resize, got resize={resize!r}, crop={crop!r}")
-    img = Image.fromarray((m != 0).astype(np.uint8) * np.uint8(255))
-    size = data.resized_size(*img.size, resize)
-    if size != img.size:
-        img = img.resize(size, Image.NEAREST)
-    return np.asarray(img.crop(data.crop_box(*img.size, crop))) > 0
+    return data.preprocess_mask(Image.fromarray((m != 0).astype(np.uint8) * np.uint8(255)),
+                                resize, crop)
 
 
 def preprocess_split(split: Split, resize: int = 256, crop: int = 224,

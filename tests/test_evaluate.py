@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from layouts import make_btad_like
 from PIL import Image
 
 from protoad_jax import Config, data, demo, evaluation, load_model, metrics, report, weights
@@ -89,7 +90,7 @@ def test_run_category_mvtec_layout_outputs_and_metrics(tmp_path, net):
 
 
 def test_btad_layout(tmp_path, net):
-    root = demo.make_btad_like(tmp_path / "btad", seed=1, n_train=4, n_test_ok=2, n_test_ko=3, size=128)
+    root = make_btad_like(tmp_path / "btad", seed=1, n_train=4, n_test_ok=2, n_test_ko=3, size=128)
     res = evaluation.run_category("btad", root, "01", tmp_path / "out", FAST, net, batch_size=4,
                                   progress=False, num_overlays=1)
     print({k: res[k] for k in evaluation.METRICS})

@@ -22,6 +22,8 @@ from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
+from layouts import make_btad_like
+
 from protoad_jax import data, demo
 from protoad_jax import tfds_builders as tb
 
@@ -87,7 +89,7 @@ def make_mvtec(root: Path, category: str, grayscale: bool) -> Path:
 
 def make_btad(root: Path) -> Path:
     """A tiny BTAD-layout product ``root/01`` (BMP images, PNG and BMP masks)."""
-    demo.make_btad_like(root, seed=2, n_train=5, n_test_ok=2, n_test_ko=4, size=64)
+    make_btad_like(root, seed=2, n_train=5, n_test_ok=2, n_test_ko=4, size=64)
     gt = root / "01" / "ground_truth" / "ko"
     first = min(gt.glob("*.png"))
     Image.open(first).save(first.with_suffix(".bmp"))
@@ -121,7 +123,7 @@ def assert_matches_reader(cat: tb.TfdsCategory, ref: data.Category, channels: in
             where = f"{name}[{i}] {ex.file_name}"
             assert (ex.file_name, ex.label, ex.defect_type) == (names[i], it.label, it.defect_type)
             # Stored pixels: the reader's RGB (one channel of it for a grayscale category).
-            want_rgb = np.asarray(data._to_rgb(data._open(it.path)))
+            want_rgb = np.asarray(data.to_rgb(data.open_image(it.path)))
             assert ex.image.dtype == np.uint8 and ex.image.shape == want_rgb.shape[:2] + (channels,)
             plain = Image.open(it.path)
             if plain.mode not in data._WIDE_MODES:  # independent oracle: PIL's own conversion
@@ -139,7 +141,7 @@ def assert_matches_reader(cat: tb.TfdsCategory, ref: data.Category, channels: in
             assert np.array_equal(tb.preprocess_example_mask(ex.mask), want_m), where
             assert np.array_equal(masks[i], want_m), where
             if it.label:
-                full = np.asarray(data._mask_mode(data._open(it.mask_path))) > 0
+                full = np.asarray(data.mask_image(it.mask_path)) > 0
                 assert np.array_equal(ex.mask, full.any(-1) if full.ndim == 3 else full), where
             else:
                 assert ex.mask.shape == want_rgb.shape[:2] and not ex.mask.any(), where
