@@ -3,7 +3,8 @@
 from protoad_jax.config import Config
 from protoad_jax.data import preprocess_image, preprocess_mask
 from protoad_jax.export import ExportError, export_scorer, load_exported
-from protoad_jax.pipeline import Model, ScoredImages, fit, load_model, make_scorer, score_images
+from protoad_jax.model import Model, load_model
+from protoad_jax.pipeline import ScoredImages, fit, make_scorer, score_images
 from protoad_jax.regions import find_regions
 
 __all__ = [

@@ -10,6 +10,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EMBED_LAYERS = ("layer1", "layer2", "layer3")
 CPU_MAX_PATCHES = 50_000  # the "auto" subsample on CPU; see Config.max_patches
 EMBED_CHANNELS = 256 + 512 + 1024  # layer1..3 widths of every bottleneck ResNet
+# The image-score definitions (Config.image_score), with what each one means.
+IMAGE_SCORES = {
+    "smoothed_max": "max of the Gaussian-smoothed upsampled map (reference code)",
+    "patch_max": "max of the raw patch map (paper's equation)",
+}
+CLUSTERINGS = ("finch", "kmeans")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +65,9 @@ class Config:
 
     def __post_init__(self):
         checks = {
-            "image_score": (self.image_score, ("smoothed_max", "patch_max")),
-            "clustering": (self.clustering, ("finch", "kmeans")),
-            "dtype": (self.dtype, ("float32", "bfloat16")),
+            "image_score": (self.image_score, tuple(IMAGE_SCORES)),
+            "clustering": (self.clustering, CLUSTERINGS),
+            "dtype": (self.dtype, DTYPES),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from protoad_jax import backbone, data, metrics, pipeline, report, weights
-from protoad_jax.config import Config
+from protoad_jax.config import IMAGE_SCORES, Config
 from protoad_jax.fileio import atomic_write
+from protoad_jax.model import Model
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def random_variables(arch: str = "wide_resnet50_2") -> dict:
     return backbone.ResNet(arch=arch).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
 
 
-def backbone_for_model(model: pipeline.Model, weights_path: str | None = None, *,
+def backbone_for_model(model: Model, weights_path: str | None = None, *,
                        allow_random: bool = False) -> Backbone:
     """The backbone a model was fitted with: ``weights_path``, else the path recorded in the model.
 
@@ -112,8 +113,7 @@ def settings(config: Config, weights_desc: str) -> dict[str, Any]:
         "preprocessing": (f"RGB; shorter side to {config.resize} with PIL LANCZOS; center crop "
                           f"{config.image_size}; ImageNet mean/std"),
         "evaluation_resolution": f"{config.image_size}x{config.image_size}",
-        "image_score": {"smoothed_max": "max of the Gaussian-smoothed upsampled map (reference code)",
-                        "patch_max": "max of the raw patch map (paper's equation)"}[config.image_score],
+        "image_score": IMAGE_SCORES[config.image_score],
         "sigma": config.sigma,
         "prototypes": "L2-normalised (cosine)" if config.normalize_prototypes else
                       "raw cluster means (reference code)",

@@ -39,10 +39,10 @@ import numpy as np
 from jax import export as jax_export
 
 from protoad_jax.config import IMAGENET_MEAN, IMAGENET_STD
-from protoad_jax.fileio import atomic_write_dir
+from protoad_jax.fileio import atomic_write_dir, json_default
 
 if TYPE_CHECKING:
-    from protoad_jax.pipeline import Model
+    from protoad_jax.model import Model
 
 ARTIFACT = "scorer.jaxexport"
 WEIGHTS = "weights.npz"
@@ -208,18 +208,10 @@ def export_scorer(model: Model, variables: dict | None, output_dir: str | os.Pat
             np.savez(f, **arrays)
         manifest = _manifest(model, exported, tmp, chunk_size=chunk_size,
                              folded="batch_stats" not in variables)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=json_default) + "\n")
 
     atomic_write_dir(out, write, check=_check_target)
     return out
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _manifest(model: Model, exported: jax_export.Exported, folder: Path, *, chunk_size: int | None,

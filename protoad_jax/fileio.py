@@ -1,4 +1,5 @@
-"""Atomic writes of files and directories: nothing is ever left half-written."""
+"""Atomic writes of files and directories (nothing is ever left half-written), and the JSON
+encoding of the NumPy scalars and paths the written metadata holds."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
@@ -66,6 +69,15 @@ def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None], *,
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def json_default(o: Any) -> Any:
+    """``json.dumps(..., default=json_default)``: NumPy scalars as numbers, paths as strings."""
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _umask() -> int:

@@ -1,9 +1,11 @@
-"""The one place that jits and batches: fit(), make_scorer(), batch scoring, model files.
+"""The one place that jits and batches: fit(), make_scorer(), batch scoring.
 
 Library functions elsewhere are per-image and plain; here they are composed into two jitted
 regions, each built once per static configuration and cached (15 categories never recompile):
   * ``_embed_fn``: images ``[b, s, s, 3]`` -> L2-normalised patch embeddings ``[b, h, w, 1792]``;
-  * ``_score_fn``: images ``[b, s, s, 3]`` -> ``ScoreResult`` batched (backbone -> embed -> head).
+  * ``scoring_function``: images ``[b, s, s, 3]`` -> ``ScoreResult`` batched (backbone -> embed
+    -> head).
+The fitted model and its file are ``protoad_jax.model``.
 
 Devices: batches are split across all local devices (``local_mesh()``, axis ``"batch"``;
 ``batch_sharding()``), the backbone variables and prototypes replicated (``replicated_sharding()``,
@@ -15,12 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -33,139 +32,12 @@ from jax.sharding import PartitionSpec as P
 # and protoad_jax.load_exported never import Flax (tests/test_export.py checks it).
 from protoad_jax import data, features, finch, kmeans, scoring
 from protoad_jax.config import EMBED_CHANNELS, EMBED_LAYERS, Config
-from protoad_jax.fileio import atomic_write
+from protoad_jax.model import Model, check_prototypes
 from protoad_jax.progress import Progress
 
-FORMAT_VERSION = 1
-MODEL_KEYS = ("format_version", "prototypes", "config", "meta")  # the arrays of a model file
 # Patches are stored on the host in float16 above this many bytes of float32 (halves memory at
 # MVTec scale: 1.23M x 1792 is 8.8 GB in float32); clustering computes in float32 per chunk.
 FLOAT16_PATCHES_ABOVE_BYTES = 4 << 30
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Model:
-    """A fitted ProtoAD model.
-
-    Attributes:
-      prototypes: ``[k, c]`` float32, exactly as the head uses them (L2-normalised when
-        ``config.normalize_prototypes``).
-      config: the method settings.
-      weights: path of the backbone ``.npz`` the prototypes were fitted with.
-      threshold: image-score threshold for anomalous/normal decisions, or None.
-      info: fit statistics (number of images and patches, timings, clustering details).
-    """
-
-    prototypes: np.ndarray
-    config: Config
-    weights: str | None = None
-    threshold: float | None = None
-    info: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def num_prototypes(self) -> int:
-        return int(self.prototypes.shape[0])
-
-    def with_threshold(self, threshold: float | None, rule: str | None = None) -> Model:
-        info = dict(self.info, threshold_rule=rule) if rule else self.info
-        return dataclasses.replace(self, threshold=threshold, info=info)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Writes the model as one ``.npz`` (no pickles; ``np.load(allow_pickle=False)`` opens it).
-
-        The write is atomic. The file holds exactly these arrays (``MODEL_KEYS``):
-          ``format_version``: ``[]`` int64, ``FORMAT_VERSION``;
-          ``prototypes``: ``[k, c]`` float32, exactly as the head uses them;
-          ``config``: ``[]`` unicode, ``Config.to_json()``;
-          ``meta``: ``[]`` unicode, JSON ``{"weights", "threshold", "info"}``.
-
-        Returns:
-          ``path``.
-        """
-        path = Path(path)
-        _check_prototypes(self.prototypes, "Model.save")
-        meta = {"weights": self.weights, "threshold": self.threshold, "info": self.info}
-        arrays = {
-            "format_version": np.array(FORMAT_VERSION, np.int64),
-            "prototypes": np.asarray(self.prototypes, np.float32),
-            "config": np.array(self.config.to_json()),
-            "meta": np.array(json.dumps(meta, sort_keys=True, default=_json_default)),
-        }
-        atomic_write(path, lambda f: np.savez(f, **arrays))
-        return path
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def load_model(path: str | os.PathLike) -> Model:
-    """Reads a model written by ``Model.save``.
-
-    Raises:
-      FileNotFoundError: no such file.
-      ValueError: the file is truncated or not a protoad_jax model, or of another format version.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model file {path} does not exist; fit one with protoad_jax.fit() "
-                                "or scripts/evaluate.py (it writes <output_dir>/<category>/model.npz)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            contents = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"model file {path} is truncated or not an .npz written by protoad_jax "
-                         f"({type(e).__name__}: {e}); re-create it with Model.save()") from e
-    missing = sorted(set(MODEL_KEYS) - set(contents))
-    if missing:
-        raise ValueError(f"{path} is not a protoad_jax model file: missing {missing} "
-                         f"(found {sorted(contents)}; expected {list(MODEL_KEYS)})")
-    fv = contents["format_version"]
-    if fv.shape != () or not np.issubdtype(fv.dtype, np.integer):
-        raise ValueError(f"model file {path}: format_version must be an integer scalar, got "
-                         f"{fv.dtype} of shape {fv.shape}")
-    version = int(fv)
-    if version != FORMAT_VERSION:
-        raise ValueError(f"model file {path} has format version {version}; this protoad_jax reads "
-                         f"version {FORMAT_VERSION}. Refit the model with this version.")
-    try:
-        meta = json.loads(str(contents["meta"]))
-        config = Config.from_json(str(contents["config"]))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"model file {path} has an unreadable config or meta entry "
-                         f"({type(e).__name__}: {e}); re-create it with Model.save()") from e
-    if not isinstance(meta, dict):
-        msg = (f"model file {path}: meta is a JSON {type(meta).__name__}, expected an object; "
-               "re-create it with Model.save()")
-        raise ValueError(msg)  # noqa: TRY004 - a malformed file, like every other file problem
-    prototypes = contents["prototypes"]
-    if prototypes.dtype != np.float32:
-        raise ValueError(f"model file {path}: prototypes must be float32, got {prototypes.dtype}")
-    _check_prototypes(prototypes, f"model file {path}")
-    return Model(prototypes, config, meta.get("weights"), meta.get("threshold"), meta.get("info", {}))
-
-
-def _check_prototypes(prototypes: Any, what: str) -> None:
-    """Raises ValueError unless ``prototypes`` is ``[k >= 1, EMBED_CHANNELS]`` of finite floats."""
-    shape = tuple(np.shape(prototypes))
-    if len(shape) != 2 or shape[1] != EMBED_CHANNELS:
-        raise ValueError(f"{what}: prototypes must be [k, {EMBED_CHANNELS}] (one row per prototype, "
-                         f"{EMBED_CHANNELS} = layer1+2+3 channels); got shape {shape}")
-    if shape[0] < 1:
-        raise ValueError(f"{what}: prototypes are empty (k = 0, shape {shape}); a model needs at "
-                         "least one prototype")
-    p = np.asarray(prototypes)
-    if not np.issubdtype(p.dtype, np.floating):
-        raise ValueError(f"{what}: prototypes must be floating point, got {p.dtype}")
-    finite = np.isfinite(p).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise ValueError(f"{what}: {bad.size} of {shape[0]} prototypes contain NaN or inf "
-                         f"(rows {bad[:5].tolist()})")
 
 
 # ----------------------------------------------------------------------------- jitted regions
@@ -211,9 +83,20 @@ def _score_fn(arch: str, dtype: str, image_size: int, sigma: float, truncate: fl
     return fn
 
 
-def _score_config(config: Config, chunk_size: int | None) -> tuple:
-    return (config.arch, config.dtype, config.image_size, float(config.sigma), float(config.truncate),
-            config.image_score, chunk_size)
+def scoring_function(config: Config, chunk_size: int | None = None) -> Callable:
+    """The cached jitted scoring region for ``config``'s static settings.
+
+    ``fn(variables, prototypes [k, c], images [b, s, s, 3]) -> ScoreResult`` batched: backbone,
+    embedding and head (``scoring.score_image``, vmapped). Configs with the same architecture,
+    dtype, image size, sigma, truncate and image score share one function (``fn._cache_size()``
+    counts its compiled shapes).
+
+    Raises:
+      ValueError: ``chunk_size`` is not a positive integer or None.
+    """
+    return _score_fn(config.arch, config.dtype, config.image_size, float(config.sigma),
+                     float(config.truncate), config.image_score,
+                     scoring.check_chunk_size(chunk_size))
 
 
 # ----------------------------------------------------------------------------- devices
@@ -327,7 +210,7 @@ def load_backbone(weights: str | os.PathLike, arch: str = "wide_resnet50_2", *, 
     from protoad_jax import backbone
     from protoad_jax import weights as weights_lib
 
-    variables = weights_lib.load_variables(weights, arch=arch, last_stage="layer3")
+    variables = weights_lib.load_variables(weights, arch=arch, last_stage=EMBED_LAYERS[-1])
     return jax.device_put(backbone.fold_batchnorm(variables) if fold else variables)
 
 
@@ -461,27 +344,26 @@ def calibrate_threshold(normal_scores: np.ndarray, quantile: float = 0.99) -> tu
     return float(np.quantile(scores, quantile)), f"{quantile:g} quantile of {len(scores)} normal image scores"
 
 
-def _scoring_parts(model: Model, variables: dict | None, chunk_size: int | None,
-                   caller: str) -> tuple[Callable, dict, jax.Array]:
-    """The cached jitted scoring region, and the backbone variables and prototypes replicated on
-    the local devices (variables loaded from ``model.weights`` when not given)."""
-    _check_prototypes(model.prototypes, caller)
+def scoring_parts(model: Model, variables: dict | None = None, *, chunk_size: int | None = None,
+                  caller: str = "scoring_parts") -> tuple[Callable, dict, jax.Array]:
+    """What every scoring path runs: ``(fn, variables, prototypes)``.
+
+    ``fn`` is ``scoring_function(model.config, chunk_size)``; the backbone variables (loaded from
+    ``model.weights`` when not given) and the prototypes are replicated on the local devices.
+    ``caller`` names the public function in error messages.
+
+    Raises:
+      ValueError: prototypes not ``[k >= 1, 1792]`` or not finite; no weights; bad ``chunk_size``.
+    """
+    check_prototypes(model.prototypes, caller)
     if variables is None:
         if model.weights is None:
             raise ValueError("the model records no backbone weights path; pass variables= "
                              "(pipeline.load_backbone(PATH.npz))")
         variables = load_backbone(model.weights, model.config.arch)
-    fn = _score_fn(*_score_config(model.config, _check_chunk_size(chunk_size)))
+    fn = scoring_function(model.config, chunk_size)
     variables, prototypes = _replicated((variables, jnp.asarray(model.prototypes, jnp.float32)))
     return fn, variables, prototypes
-
-
-def _check_chunk_size(chunk_size: int | None) -> int | None:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    return int(chunk_size)
 
 
 def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int | None = None
@@ -489,7 +371,7 @@ def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int 
     """A pure, jitted function ``images [b, s, s, 3] float32 -> (maps [b, s, s], scores [b])``.
 
     The backbone runs batched; the head is vmapped per image. The jitted region is shared by
-    every model with the same static settings (``_score_fn`` cache) and compiles once per batch
+    every model with the same static settings (``scoring_function``) and compiles once per batch
     shape. The scorer can be called inside the user's own ``jax.jit`` and ``jax.vmap``; its
     shape and dtype checks run at trace time, the NaN/inf check only on concrete inputs.
 
@@ -512,7 +394,8 @@ def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int 
         The returned scorer raises ValueError for images that are not
         ``[b, s, s, 3]`` float32 or hold NaN/inf.
     """
-    fn, variables, prototypes = _scoring_parts(model, variables, chunk_size, "make_scorer")
+    fn, variables, prototypes = scoring_parts(model, variables, chunk_size=chunk_size,
+                                              caller="make_scorer")
     size = model.config.image_size
     devices = local_mesh().size
 
@@ -557,7 +440,8 @@ def score_images(model: Model, images: Sequence[Any], variables: dict | None = N
       data.BadImageError: an image file is missing or undecodable (``skip_bad=False``; its
         ``skippable`` is True), or every image was (``skip_bad=True``).
     """
-    fn, variables, prototypes = _scoring_parts(model, variables, chunk_size, "score_images")
+    fn, variables, prototypes = scoring_parts(model, variables, chunk_size=chunk_size,
+                                              caller="score_images")
     images = list(images)
     maps, scores, patch_maps, inputs, skipped = [], [], [], [], []
     with Progress("scoring", len(images), "img", progress) as bar:

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from protoad_jax.config import IMAGE_SCORES
+
 NORM_EPS = 1e-12  # torch F.normalize default
-IMAGE_SCORES = ("smoothed_max", "patch_max")
 # The upsample/blur matrices are tiny; run them at full float32 precision on every backend so
 # the map matches cv2/scipy even where the default matmul precision is TF32 or bf16 passes.
 _EXACT = lax.Precision.HIGHEST
@@ -94,6 +95,15 @@ def _check_head_inputs(embedding: jax.Array, prototypes: jax.Array) -> None:
                          f"embedding {embedding.shape})")
 
 
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """``chunk_size`` as an int, or None; raises ValueError unless a positive integer or None."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return int(chunk_size)
+
+
 def patch_scores(embedding: jax.typing.ArrayLike, prototypes: jax.typing.ArrayLike,
                  chunk_size: int | None = None) -> jax.Array:
     """Patch anomaly map ``s_ij = 1 - max_k <P_k, x_ij / |x_ij|>``.
@@ -123,11 +133,10 @@ def patch_scores(embedding: jax.typing.ArrayLike, prototypes: jax.typing.ArrayLi
     h, w, c = x.shape
     k = p.shape[0]
     xn = l2_normalize(x)
+    chunk_size = check_chunk_size(chunk_size)
     if chunk_size is None or chunk_size >= k:
         best = jnp.max(jnp.einsum("hwc,kc->hwk", xn, p), axis=-1)
         return 1.0 - best
-    if int(chunk_size) != chunk_size or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     n_chunks = -(-k // chunk_size)
     pad = n_chunks * chunk_size - k
     p = jnp.concatenate([p, jnp.broadcast_to(p[:1], (pad, c))], axis=0)
@@ -273,7 +282,7 @@ def score_image(embedding: jax.typing.ArrayLike, prototypes: jax.typing.ArrayLik
       ValueError: unknown ``image_score`` or a shape error from ``patch_scores``.
     """
     if image_score not in IMAGE_SCORES:
-        raise ValueError(f"image_score must be one of {IMAGE_SCORES}, got {image_score!r}")
+        raise ValueError(f"image_score must be one of {tuple(IMAGE_SCORES)}, got {image_score!r}")
     patch_map = patch_scores(embedding, prototypes, chunk_size)
     anomaly_map = gaussian_blur(upsample_bilinear(patch_map, out_size), sigma, truncate)
     score = jnp.max(anomaly_map) if image_score == "smoothed_max" else jnp.max(patch_map)

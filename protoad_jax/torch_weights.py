@@ -29,6 +29,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from protoad_jax.config import EMBED_LAYERS
+
 # Legacy-format header, from torch/serialization.py.
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -792,7 +794,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def to_flax(
-    state_dict: dict[str, np.ndarray], stages: tuple[str, ...] = ("layer1", "layer2", "layer3")
+    state_dict: dict[str, np.ndarray], stages: tuple[str, ...] = EMBED_LAYERS
 ) -> dict[str, np.ndarray]:
     """Renames and transposes a torchvision ResNet ``state_dict`` to flat Flax variables.
 

@@ -28,6 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from protoad_jax import backbone, fileio, progress, torch_weights
+from protoad_jax.config import EMBED_LAYERS
 
 
 class WeightsFile(NamedTuple):
@@ -54,8 +55,8 @@ REGISTRY: dict[str, WeightsFile] = {
 }
 ENV_VAR = "PROTOAD_WEIGHTS_DIR"
 # Stages a converted file may hold, in order; a conversion keeps a prefix of them (plus the stem).
-STAGE_ORDER = ("layer1", "layer2", "layer3", "layer4", "fc")
-DEFAULT_STAGES = ("layer1", "layer2", "layer3")
+STAGE_ORDER = backbone.STAGES[1:]
+DEFAULT_STAGES = EMBED_LAYERS  # what ProtoAD uses
 _CHUNK = 1 << 20
 
 

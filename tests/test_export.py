@@ -66,10 +66,10 @@ def variables(weights_npz) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model(weights_npz) -> pipeline.Model:
+def model(weights_npz) -> protoad_jax.Model:
     rng = np.random.default_rng(1)
     prototypes = np.asarray(scoring.prepare_prototypes(rng.normal(size=(K, 1792)), True))
-    return pipeline.Model(prototypes, CONFIG, str(weights_npz)).with_threshold(*THRESHOLD)
+    return protoad_jax.Model(prototypes, CONFIG, str(weights_npz)).with_threshold(*THRESHOLD)
 
 
 @pytest.fixture(scope="module")

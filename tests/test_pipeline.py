@@ -27,6 +27,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 import protoad_jax
+from protoad_jax import model as model_lib
 from protoad_jax import pipeline, torch_weights, weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,14 +90,14 @@ def torch_embedding(wrn, images) -> np.ndarray:
     return torch_reference.reference_embed(wrn.torch_model, images.torch_x).numpy()
 
 
-def _fit(wrn, images, **kw) -> pipeline.Model:
+def _fit(wrn, images, **kw) -> protoad_jax.Model:
     kw = {"clustering": "finch", "num_prototypes": K, "seed": 0, "max_patches": MAX_PATCHES,
           "batch_size": B, "progress": False, **kw}
     return protoad_jax.fit(list(images.jax_x[:2]), weights=wrn.path, **kw)
 
 
 @pytest.fixture(scope="module")
-def models(wrn, images) -> dict[str, pipeline.Model]:
+def models(wrn, images) -> dict[str, protoad_jax.Model]:
     """Models fitted on china + flower, and random-prototype models, all with K prototypes."""
     out = {
         "finch_raw": _fit(wrn, images, normalize_prototypes=False),
@@ -107,8 +108,8 @@ def models(wrn, images) -> dict[str, pipeline.Model]:
     # over prototypes is contested; raw ones have norms ~2 (not unit) to exercise the raw mode.
     raw = np.abs(rng.normal(size=(K, 1792))).astype(np.float32) * np.float32(0.05)
     cfg = out["finch_raw"].config
-    out["random_raw"] = pipeline.Model(raw, cfg, str(wrn.path))
-    out["random_norm"] = pipeline.Model(raw / np.linalg.norm(raw, axis=1, keepdims=True),
+    out["random_raw"] = protoad_jax.Model(raw, cfg, str(wrn.path))
+    out["random_norm"] = protoad_jax.Model(raw / np.linalg.norm(raw, axis=1, keepdims=True),
                                         out["finch_norm"].config, str(wrn.path))
     return out
 
@@ -169,10 +170,10 @@ def test_save_load_round_trip(wrn, images, models, tmp_path):
     model = models["finch_norm"]
     path = model.save(tmp_path / "m.npz")
     with np.load(path, allow_pickle=False) as z:
-        assert sorted(z.files) == sorted(pipeline.MODEL_KEYS) == sorted(
+        assert sorted(z.files) == sorted(model_lib.MODEL_KEYS) == sorted(
             ["format_version", "prototypes", "config", "meta"])
         assert z["prototypes"].dtype == np.float32 and z["prototypes"].shape == (K, 1792)
-        assert int(z["format_version"]) == pipeline.FORMAT_VERSION
+        assert int(z["format_version"]) == model_lib.FORMAT_VERSION
         assert json.loads(str(z["config"])) == json.loads(model.config.to_json())
         stored = z["prototypes"]
     loaded = protoad_jax.load_model(path)
@@ -296,7 +297,7 @@ def test_scorer_inside_user_jit_and_vmap(wrn, images, models):
 
 def test_second_call_compiles_nothing(wrn, images, models, caplog):
     model = models["finch_norm"]
-    fn = pipeline._score_fn(*pipeline._score_config(model.config, None))
+    fn = pipeline.scoring_function(model.config)
     scorer = protoad_jax.make_scorer(model, wrn.variables)
     # First calls (numpy and jax inputs): compile the scorer and the NaN check for this shape.
     jax.block_until_ready((scorer(images.jax_x[:B]), scorer(jnp.asarray(images.jax_x[:B]))))
@@ -312,7 +313,7 @@ def test_second_call_compiles_nothing(wrn, images, models, caplog):
     finally:
         jax.config.update("jax_log_compiles", False)
     compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-    print(f"_score_fn cache size {size} -> {fn._cache_size()}; compile log lines: {compiles}")
+    print(f"scoring_function cache size {size} -> {fn._cache_size()}; compile log lines: {compiles}")
     assert fn._cache_size() == size
     assert not compiles, compiles
 
@@ -323,7 +324,7 @@ def test_chunked_scorer_equals_unchunked(wrn, images, models):
     maps, scores = protoad_jax.make_scorer(model, wrn.variables)(x)
     # K = 8 in chunks of 3: a scan over 3 chunks, the last padded with copies of prototype 0.
     c_maps, c_scores = protoad_jax.make_scorer(model, wrn.variables, chunk_size=3)(x)
-    chunked_fn = pipeline._score_fn(*pipeline._score_config(model.config, 3))
+    chunked_fn = pipeline.scoring_function(model.config, 3)
     assert chunked_fn._cache_size() == 1, "the chunked scorer did not run its own jitted region"
     err = max(_max_err(c_maps, maps), _max_err(c_scores, scores))
     print(f"chunk_size=3 (K={K}) vs unchunked: max abs err {err:.2e} (tol 1e-6)")
@@ -361,12 +362,12 @@ def test_bad_images_are_clear_errors(wrn, images, models):
 def test_bad_models_are_clear_errors(wrn, models):
     cfg = models["finch_norm"].config
     rng = np.random.default_rng(5)
-    narrow = pipeline.Model(rng.normal(size=(K, 100)).astype(np.float32), cfg, str(wrn.path))
+    narrow = protoad_jax.Model(rng.normal(size=(K, 100)).astype(np.float32), cfg, str(wrn.path))
     with pytest.raises(ValueError, match=r"prototypes must be \[k, 1792\].*got shape \(8, 100\)"):
         protoad_jax.make_scorer(narrow, wrn.variables)
     with pytest.raises(ValueError, match=r"prototypes must be \[k, 1792\].*got shape \(8, 100\)"):
         pipeline.score_images(narrow, [np.zeros((224, 224, 3), np.float32)], wrn.variables)
-    empty = pipeline.Model(np.zeros((0, 1792), np.float32), cfg, str(wrn.path))
+    empty = protoad_jax.Model(np.zeros((0, 1792), np.float32), cfg, str(wrn.path))
     with pytest.raises(ValueError, match=r"prototypes are empty \(k = 0"):
         protoad_jax.make_scorer(empty, wrn.variables)
     with pytest.raises(ValueError, match=r"prototypes are empty \(k = 0"):
@@ -374,9 +375,9 @@ def test_bad_models_are_clear_errors(wrn, models):
     nan = rng.normal(size=(K, 1792)).astype(np.float32)
     nan[3, 7] = np.nan
     with pytest.raises(ValueError, match=r"1 of 8 prototypes contain NaN or inf \(rows \[3\]\)"):
-        protoad_jax.make_scorer(pipeline.Model(nan, cfg), wrn.variables)
+        protoad_jax.make_scorer(protoad_jax.Model(nan, cfg), wrn.variables)
     with pytest.raises(ValueError, match="records no backbone weights path"):
-        protoad_jax.make_scorer(pipeline.Model(rng.normal(size=(K, 1792)).astype(np.float32), cfg))
+        protoad_jax.make_scorer(protoad_jax.Model(rng.normal(size=(K, 1792)).astype(np.float32), cfg))
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         protoad_jax.make_scorer(models["finch_norm"], wrn.variables, chunk_size=0)
 

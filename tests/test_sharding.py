@@ -40,6 +40,7 @@ def main(out: str) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     from protoad_jax import backbone, finch, kmeans, neighbours, pipeline, weights
     from protoad_jax.config import EMBED_CHANNELS, Config
+    from protoad_jax.model import Model
 
     ndev = jax.local_device_count()
     mesh = pipeline.local_mesh()
@@ -72,7 +73,7 @@ def main(out: str) -> None:
     assert all(np.isfinite(a).all() for a in jax.tree.leaves(variables))
     images = rng.normal(size=(N_IMAGES, 224, 224, 3)).astype(np.float32)
     protos = rng.normal(size=(K, EMBED_CHANNELS)).astype(np.float32)
-    model = pipeline.Model(protos / np.linalg.norm(protos, axis=1, keepdims=True), Config())
+    model = Model(protos / np.linalg.norm(protos, axis=1, keepdims=True), Config())
 
     # make_scorer: a batch that divides the device count, then one that needs padding.
     lap("init")

@@ -1,0 +1,140 @@
+"""A fitted ProtoAD model and its file: ``Model``, ``Model.save``, ``load_model``.
+
+A model file is one ``.npz`` without pickles: the prototypes exactly as the head uses them, the
+method settings (``Config``) and JSON metadata (backbone weights path, threshold, fit details).
+Fitting (``pipeline.fit``) and scoring (``pipeline.make_scorer``) live in ``pipeline``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protoad_jax.config import EMBED_CHANNELS, Config
+from protoad_jax.fileio import atomic_write, json_default
+
+FORMAT_VERSION = 1
+MODEL_KEYS = ("format_version", "prototypes", "config", "meta")  # the arrays of a model file
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """A fitted ProtoAD model.
+
+    Attributes:
+      prototypes: ``[k, c]`` float32, exactly as the head uses them (L2-normalised when
+        ``config.normalize_prototypes``).
+      config: the method settings.
+      weights: path of the backbone ``.npz`` the prototypes were fitted with.
+      threshold: image-score threshold for anomalous/normal decisions, or None.
+      info: fit statistics (number of images and patches, timings, clustering details).
+    """
+
+    prototypes: np.ndarray
+    config: Config
+    weights: str | None = None
+    threshold: float | None = None
+    info: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_prototypes(self) -> int:
+        return int(self.prototypes.shape[0])
+
+    def with_threshold(self, threshold: float | None, rule: str | None = None) -> Model:
+        info = dict(self.info, threshold_rule=rule) if rule else self.info
+        return dataclasses.replace(self, threshold=threshold, info=info)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes the model as one ``.npz`` (no pickles; ``np.load(allow_pickle=False)`` opens it).
+
+        The write is atomic. The file holds exactly these arrays (``MODEL_KEYS``):
+          ``format_version``: ``[]`` int64, ``FORMAT_VERSION``;
+          ``prototypes``: ``[k, c]`` float32, exactly as the head uses them;
+          ``config``: ``[]`` unicode, ``Config.to_json()``;
+          ``meta``: ``[]`` unicode, JSON ``{"weights", "threshold", "info"}``.
+
+        Returns:
+          ``path``.
+        """
+        path = Path(path)
+        check_prototypes(self.prototypes, "Model.save")
+        meta = {"weights": self.weights, "threshold": self.threshold, "info": self.info}
+        arrays = {
+            "format_version": np.array(FORMAT_VERSION, np.int64),
+            "prototypes": np.asarray(self.prototypes, np.float32),
+            "config": np.array(self.config.to_json()),
+            "meta": np.array(json.dumps(meta, sort_keys=True, default=json_default)),
+        }
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+        return path
+
+
+def load_model(path: str | os.PathLike) -> Model:
+    """Reads a model written by ``Model.save``.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the file is truncated or not a protoad_jax model, or of another format version.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file {path} does not exist; fit one with protoad_jax.fit() "
+                                "or scripts/evaluate.py (it writes <output_dir>/<category>/model.npz)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            contents = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"model file {path} is truncated or not an .npz written by protoad_jax "
+                         f"({type(e).__name__}: {e}); re-create it with Model.save()") from e
+    missing = sorted(set(MODEL_KEYS) - set(contents))
+    if missing:
+        raise ValueError(f"{path} is not a protoad_jax model file: missing {missing} "
+                         f"(found {sorted(contents)}; expected {list(MODEL_KEYS)})")
+    fv = contents["format_version"]
+    if fv.shape != () or not np.issubdtype(fv.dtype, np.integer):
+        raise ValueError(f"model file {path}: format_version must be an integer scalar, got "
+                         f"{fv.dtype} of shape {fv.shape}")
+    version = int(fv)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"model file {path} has format version {version}; this protoad_jax reads "
+                         f"version {FORMAT_VERSION}. Refit the model with this version.")
+    try:
+        meta = json.loads(str(contents["meta"]))
+        config = Config.from_json(str(contents["config"]))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"model file {path} has an unreadable config or meta entry "
+                         f"({type(e).__name__}: {e}); re-create it with Model.save()") from e
+    if not isinstance(meta, dict):
+        msg = (f"model file {path}: meta is a JSON {type(meta).__name__}, expected an object; "
+               "re-create it with Model.save()")
+        raise ValueError(msg)  # noqa: TRY004 - a malformed file, like every other file problem
+    prototypes = contents["prototypes"]
+    if prototypes.dtype != np.float32:
+        raise ValueError(f"model file {path}: prototypes must be float32, got {prototypes.dtype}")
+    check_prototypes(prototypes, f"model file {path}")
+    return Model(prototypes, config, meta.get("weights"), meta.get("threshold"), meta.get("info", {}))
+
+
+def check_prototypes(prototypes: Any, what: str) -> None:
+    """Raises ValueError unless ``prototypes`` is ``[k >= 1, EMBED_CHANNELS]`` of finite floats."""
+    shape = tuple(np.shape(prototypes))
+    if len(shape) != 2 or shape[1] != EMBED_CHANNELS:
+        raise ValueError(f"{what}: prototypes must be [k, {EMBED_CHANNELS}] (one row per prototype, "
+                         f"{EMBED_CHANNELS} = layer1+2+3 channels); got shape {shape}")
+    if shape[0] < 1:
+        raise ValueError(f"{what}: prototypes are empty (k = 0, shape {shape}); a model needs at "
+                         "least one prototype")
+    p = np.asarray(prototypes)
+    if not np.issubdtype(p.dtype, np.floating):
+        raise ValueError(f"{what}: prototypes must be floating point, got {p.dtype}")
+    finite = np.isfinite(p).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(f"{what}: {bad.size} of {shape[0]} prototypes contain NaN or inf "
+                         f"(rows {bad[:5].tolist()})")
