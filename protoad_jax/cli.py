@@ -1,7 +1,8 @@
 """What the command-line scripts share: expected input errors as one clean line, not a traceback.
 
-Library errors say what is wrong and how to fix the data; only here are they given the scripts'
-flags (``--skip_bad_images``), so the library never names a command-line option.
+Library errors say what is wrong and how to fix it; only the scripts add their flags (here:
+``--skip_bad_images``, ``WEIGHTS_HINT``; a script raises ``CommandError`` with its flag added to a
+library error), so the library never names a command-line option.
 """
 
 from __future__ import annotations
@@ -12,8 +13,22 @@ from collections.abc import Callable
 
 from protoad_jax import data
 
+WEIGHTS_HINT = ("Pass --weights=PATH.npz (scripts/convert_weights.py makes it), or "
+                "--allow_random_weights to run with a random-init backbone (results are then not "
+                "meaningful).")
+
+
+class CommandError(Exception):
+    """A library error a script re-raised with the flag that fixes it added to the message."""
+
+    @classmethod
+    def hinted(cls, e: Exception, hint: str) -> CommandError:
+        """``CommandError("<e> <hint>")``; raise it ``from e``."""
+        return cls(f"{e} {hint}")
+
+
 # Problems with the user's inputs, explained in their message; anything else is a bug: traceback.
-EXPECTED_ERRORS = (data.DatasetError, data.BadImageError)
+EXPECTED_ERRORS = (data.DatasetError, data.BadImageError, CommandError)
 
 
 def error_line(e: Exception) -> str:

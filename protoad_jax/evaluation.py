@@ -37,6 +37,11 @@ CSV_COLUMNS = ("category",) + METRICS + ("num_prototypes", "num_train", "num_tes
 SCORES_COLUMNS = ("path", "defect_type", "label", "status", "score")
 
 
+class NoWeightsError(RuntimeError):
+    """No backbone weights are available and a random-init backbone was not allowed; the message
+    says how to get the weights."""
+
+
 class Backbone(NamedTuple):
     """Backbone variables, the ``.npz`` they came from (None if random), a description, warnings."""
 
@@ -52,8 +57,9 @@ def resolve_backbone(weights_path: str | None, arch: str = "wide_resnet50_2", *,
     missing); without them, a random-init backbone only for the demo or with ``allow_random``.
 
     Raises:
-      FileNotFoundError / RuntimeError: no weights and random weights not allowed; the message
-        says how to get them.
+      NoWeightsError: the ImageNet weights could not be downloaded or converted and random
+        weights are not allowed; the message says why and how to get them.
+      FileNotFoundError / ValueError: ``weights_path`` is missing or not valid weights.
     """
     if weights_path is not None:
         return Backbone(pipeline.load_backbone(weights_path, arch), str(weights_path),
@@ -62,11 +68,13 @@ def resolve_backbone(weights_path: str | None, arch: str = "wide_resnet50_2", *,
         path = weights.ensure_weights(arch)
         return Backbone(pipeline.load_backbone(path, arch), str(path),
                         f"{arch} IMAGENET1K_V1 (torchvision), converted to {path}", [])
-    except Exception as e:  # offline, or the download/convert failed: say why, then decide
+    # Offline (DownloadError is an OSError), a wrong hash (ChecksumError), a corrupt .pth
+    # (CheckpointError) or a mismatched file (ValueError): say why, then decide.
+    except (OSError, ValueError) as e:
         if not (demo or allow_random):
-            raise RuntimeError(f"no backbone weights: {e}\nConvert them with scripts/convert_weights.py "
-                               "and pass --weights=PATH.npz, or pass --allow_random_weights to run "
-                               "with a random-init backbone (results are then not meaningful).") from e
+            raise NoWeightsError(f"no backbone weights: {e}\nConvert the ImageNet weights with "
+                                 "scripts/convert_weights.py and pass their path, or allow a "
+                                 "random-init backbone (results are then not meaningful).") from e
         reason = str(e).splitlines()[0]
     return random_backbone(arch, f"the ImageNet weights are not available ({reason})")
 
@@ -91,13 +99,18 @@ def backbone_for_model(model: Model, weights_path: str | None = None, *,
     """The backbone a model was fitted with: ``weights_path``, else the path recorded in the model.
 
     A model fitted with the random-init backbone (demo) needs ``allow_random``.
+
+    Raises:
+      NoWeightsError: the model records no weights file, none is given, and random weights are
+        not allowed.
     """
     path = weights_path or model.weights
     if path is not None:
         return Backbone(pipeline.load_backbone(path, model.config.arch), str(path), str(path), [])
     if not allow_random:
-        raise ValueError("this model was fitted with a random-init backbone (no weights file recorded); "
-                         "pass --allow_random_weights to use it anyway, or --weights=PATH.npz")
+        raise NoWeightsError("this model was fitted with a random-init backbone (no weights file "
+                             "recorded); allow a random-init backbone to use it anyway, or give the "
+                             "backbone weights")
     return random_backbone(model.config.arch, "the model was fitted with a random-init backbone")
 
 

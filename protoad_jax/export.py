@@ -259,7 +259,7 @@ def _manifest(model: Model, exported: jax_export.Exported, folder: Path, *, chun
 
 def _check_target(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory; choose another --output")
+        raise ExportError(f"{out} exists and is not a directory; choose another output directory")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
         raise ExportError(f"{out} exists and is not an export directory (no {MANIFEST}); refusing to "
                           "replace it. Choose a new or empty directory.")
@@ -414,10 +414,10 @@ def load_exported(directory: str | os.PathLike) -> tuple[Callable[[Any], tuple[j
         ExportError for images of the wrong shape or dtype, or with NaN/inf.
     """
     folder = Path(directory)
-    fix = f"re-export it: python scripts/export.py --model=MODEL.npz --output={folder}"
+    fix = f"re-export it to {folder} (scripts/export.py, or protoad_jax.export_scorer)"
     if not folder.is_dir():
         raise ExportError(f"exported scorer directory {folder} does not exist; write one with "
-                          f"python scripts/export.py --model=MODEL.npz --output={folder}")
+                          "scripts/export.py or protoad_jax.export_scorer")
     manifest = _read_manifest(folder, fix)
     artifact = _check_file(folder, manifest["files"]["artifact"], fix)
     weights_path = _check_file(folder, manifest["files"]["weights"], fix)
@@ -425,7 +425,7 @@ def load_exported(directory: str | os.PathLike) -> tuple[Callable[[Any], tuple[j
     here = jax_export.default_export_platform()
     if here not in jx["platforms"]:
         raise ExportError(f"{artifact} was exported for {jx['platforms']}, but this process runs on "
-                          f"{here}: re-export it with --platforms={','.join(jx['platforms'] + [here])}")
+                          f"{here}: re-export it for platforms {','.join(jx['platforms'] + [here])}")
     written = manifest["versions"]["jax"]
     ccv = jx["calling_convention_version"]
     lo = jax_export.minimum_supported_calling_convention_version

@@ -61,7 +61,17 @@ _CHUNK = 1 << 20
 
 
 class DownloadError(OSError):
-    """The file could not be fetched (offline, refused, HTTP error); says how to get it by hand."""
+    """The file could not be fetched (offline, refused, HTTP error); says how to get it by hand.
+
+    Attributes:
+      url: what could not be downloaded.
+      dest: where it was to be written (a file placed there by hand is used).
+    """
+
+    def __init__(self, message: str, url: str, dest: Path):
+        super().__init__(message)
+        self.url = url
+        self.dest = Path(dest)
 
 
 class ChecksumError(ValueError):
@@ -124,8 +134,8 @@ def _check_hash(digest: str, prefix: str | None, what: str) -> None:
 
 def _manual_hint(url: str, dest: Path) -> str:
     return (
-        f"Download it by hand from {url} (on a machine with internet access) and pass it with "
-        f"--source=/path/to/{dest.name}, or place it at {dest}."
+        f"Download it by hand from {url} (on a machine with internet access) and convert that "
+        f"file, or place it at {dest}."
     )
 
 
@@ -145,7 +155,8 @@ def download(
       ``dest``.
 
     Raises:
-      DownloadError: no connection / HTTP error; the message gives the URL and ``--source``.
+      DownloadError: no connection / HTTP error; the message gives the URL and where a file
+        downloaded by hand goes.
       ChecksumError: the digest does not match; nothing is left at ``dest``.
     """
     dest = Path(dest)
@@ -168,7 +179,7 @@ def download(
         ) as e:
             reason = getattr(e, "reason", e)
             raise DownloadError(
-                f"could not download {url}: {reason}. {_manual_hint(url, dest)}"
+                f"could not download {url}: {reason}. {_manual_hint(url, dest)}", url, dest
             ) from None
         _check_hash(digest.hexdigest(), sha256_prefix, f"{url} (nothing was kept)")
 
@@ -221,7 +232,7 @@ def fetch(
         return path, sha256_file(path)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"--source {source}: no such file")
+        raise FileNotFoundError(f"weights source {source}: no such file")
     digest = sha256_file(path)
     _check_hash(digest, prefix, str(path))
     return path, digest
@@ -309,7 +320,7 @@ def convert(
     last = _last_stage(stages)
     output = Path(output)
     if output.suffix != ".npz":
-        raise ValueError(f"--output must end in .npz, got {output}")
+        raise ValueError(f"the output file must end in .npz, got {output}")
     path, digest = fetch(source, cache, sha256_prefix, show_progress)
     state_dict = torch_weights.load_state_dict(path)
     try:
@@ -326,7 +337,7 @@ def convert(
                 "it does not look like a torchvision " + " / ".join(backbone.ARCHS) + " state dict"
             )
         elif guess != arch:
-            looks = f"it looks like {guess}; re-run with --arch={guess}"
+            looks = f"it looks like {guess}; convert it as arch {guess}"
         else:
             looks = (
                 f"it looks like {arch}, but entries are missing or misshapen: a partial checkpoint?"
@@ -418,8 +429,8 @@ def load_variables(
     """
     path = Path(path)
     fix = (
-        f"re-run `python scripts/convert_weights.py --arch={arch}"
-        f"{' --include_layer4' if last_stage in ('layer4', 'fc') else ''} --output={path}`"
+        f"convert the weights again with scripts/convert_weights.py, as arch {arch}"
+        f"{' with layer4 and fc' if last_stage in ('layer4', 'fc') else ''}, to {path}"
     )
     if not path.is_file():
         raise FileNotFoundError(f"no weights file {path}; {fix}")

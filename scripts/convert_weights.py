@@ -66,10 +66,12 @@ def main(argv: list[str]) -> None:
     print(f"source: {source}")
     try:
         res = weights.convert(source, output, FLAGS.arch, stages, cache=FLAGS.cache_dir)
+    except weights.DownloadError as e:
+        print(f"error: {e} Pass that file with --source=/path/to/{e.dest.name}.", file=sys.stderr)
+        sys.exit(1)
     except (
         torch_weights.CheckpointError,
         weights.ChecksumError,
-        weights.DownloadError,
         FileNotFoundError,
         ValueError,
     ) as e:

@@ -65,7 +65,7 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def main(argv):
     del argv
-    from protoad_jax import Config, demo, evaluation, xla_cpu
+    from protoad_jax import Config, cli, demo, evaluation, xla_cpu
 
     xla_cpu.tune()  # before any JAX computation
 
@@ -81,8 +81,11 @@ def main(argv):
                     num_prototypes=(evaluation.DEFAULT_K if k is None else k or None),
                     max_patches=_max_patches(FLAGS.max_patches), image_score=FLAGS.image_score,
                     normalize_prototypes=FLAGS.normalize_prototypes, dtype=FLAGS.dtype)
-    backbone = evaluation.resolve_backbone(FLAGS.weights, config.arch, demo=FLAGS.demo,
-                                           allow_random=FLAGS.allow_random_weights)
+    try:
+        backbone = evaluation.resolve_backbone(FLAGS.weights, config.arch, demo=FLAGS.demo,
+                                               allow_random=FLAGS.allow_random_weights)
+    except evaluation.NoWeightsError as e:
+        raise cli.CommandError.hinted(e, cli.WEIGHTS_HINT) from e
     return _run_all(dataset, data_dir, out, config, backbone)
 
 

@@ -36,10 +36,13 @@ def main(argv):
     del argv
     import jax
 
-    from protoad_jax import evaluation, export, load_model
+    from protoad_jax import cli, evaluation, export, load_model
 
     model = load_model(FLAGS.model)
-    net = evaluation.backbone_for_model(model, FLAGS.weights, allow_random=FLAGS.allow_random_weights)
+    try:
+        net = evaluation.backbone_for_model(model, FLAGS.weights, allow_random=FLAGS.allow_random_weights)
+    except evaluation.NoWeightsError as e:
+        raise cli.CommandError.hinted(e, cli.WEIGHTS_HINT) from e
     out = export.export_scorer(model, net.variables, FLAGS.output, platforms=FLAGS.platforms,
                                batch_size=FLAGS.batch_size)
     manifest = json.loads((out / export.MANIFEST).read_text())
@@ -58,4 +61,6 @@ def main(argv):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    sys.exit(app.run(main))
+    from protoad_jax import cli
+
+    sys.exit(app.run(cli.clean_errors(main)))

@@ -19,6 +19,7 @@ import pytest
 from layouts import make_btad_like
 from PIL import Image
 
+import protoad_jax
 from protoad_jax import Config, data, demo, evaluation, load_model, metrics, report, weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,3 +271,35 @@ def test_error_line_names_the_flag_only_where_skipping_applies():
     assert wrapped([]) == 1
     with pytest.raises(KeyError):  # not an input problem: a traceback
         cli.clean_errors(lambda argv: {}["x"])([])
+
+
+def test_missing_weights_errors_name_no_flag_and_the_scripts_add_it(tmp_path, monkeypatch, capsys):
+    from protoad_jax import cli
+
+    def offline(arch):
+        raise weights.DownloadError("could not download U: refused. Download it by hand.", "U",
+                                    tmp_path / "w.pth")
+
+    monkeypatch.setattr(weights, "ensure_weights", offline)
+    with pytest.raises(evaluation.NoWeightsError) as e:
+        evaluation.resolve_backbone(None)
+    print("resolve_backbone:", e.value)
+    assert "could not download U" in str(e.value) and "--" not in str(e.value)
+    random_model = protoad_jax.Model(np.eye(2, 1792, dtype=np.float32), Config())
+    with pytest.raises(evaluation.NoWeightsError) as e:
+        evaluation.backbone_for_model(random_model)
+    assert "random-init backbone" in str(e.value) and "--" not in str(e.value)
+    monkeypatch.setattr(weights, "ensure_weights", lambda arch: {}["bug"])
+    with pytest.raises(KeyError):  # a bug is not "no weights": it propagates
+        evaluation.resolve_backbone(None, demo=True)
+
+    # The scripts add their flags: predict.py on a model that records no weights.
+    model_path = random_model.save(tmp_path / "m.npz")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    res = _run("predict.py", f"--model={model_path}", f"--input={image}",
+               f"--output_dir={tmp_path / 'out'}")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert lines[-1].startswith("error: this model was fitted with a random-init backbone"), lines
+    assert lines[-1].endswith(cli.WEIGHTS_HINT) and "--allow_random_weights" in lines[-1], lines

@@ -224,7 +224,7 @@ def test_export_for_cuda_and_tpu_on_cpu(model, variables, exported, images, tmp_
     _assert_same(scorer(images), protoad_jax.load_exported(exported)[0](images), "cpu+cuda+tpu vs cpu")
     gpu_only = export.export_scorer(model, variables, tmp_path / "cuda", platforms=["cuda"])
     assert json.loads((gpu_only / export.MANIFEST).read_text())["jax_export"]["platforms"] == ["cuda"]
-    with pytest.raises(ExportError, match=r"exported for \['cuda'\].*runs on cpu.*--platforms=cuda,cpu"):
+    with pytest.raises(ExportError, match=r"exported for \['cuda'\].*runs on cpu.*platforms cuda,cpu"):
         protoad_jax.load_exported(gpu_only)
 
 
@@ -327,7 +327,7 @@ def test_bad_artifact_is_refused_naming_file_and_fix(case, exported, tmp_path):
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(ExportError, match=r"nope does not exist; write one with python scripts/export\.py"):
+    with pytest.raises(ExportError, match=r"nope does not exist; write one with scripts/export\.py"):
         protoad_jax.load_exported(tmp_path / "nope")
 
 
