@@ -335,7 +335,8 @@ def test_evaluate_through_tfds_equals_folder(tmp_path):
     for key in evaluation.METRICS + ("num_prototypes", "num_train", "num_test"):
         print(key, folder[key], via_tfds[key])
         assert folder[key] == via_tfds[key], key
-    scores = [np.loadtxt(d / "bottle" / "scores.csv", delimiter=",", skiprows=1, usecols=3)
+    column = evaluation.SCORES_COLUMNS.index("score")
+    scores = [np.loadtxt(d / "bottle" / "scores.csv", delimiter=",", skiprows=1, usecols=column)
               for d in (tmp_path / "o_folder", tmp_path / "o_tfds")]
     assert np.array_equal(scores[0], scores[1])
     protos = [np.load(d / "bottle" / "model.npz")["prototypes"] for d in (tmp_path / "o_folder", tmp_path / "o_tfds")]
