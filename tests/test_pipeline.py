@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -412,7 +413,8 @@ def test_compare_reference_script(wrn, images, models, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "compare_reference.py"), f"--pth={pth}",
          f"--model={model_path}", f"--images={folder}", "--max_images=2", f"--tol={TOL}"],
-        check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
+        check=False, capture_output=True, text=True, timeout=300, cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)))  # this checkout's protoad_jax
     print(proc.stdout, proc.stderr[-2000:] if proc.returncode else "",
           f"compare_reference.py took {time.perf_counter() - t0:.1f} s")
     assert proc.returncode == 0, proc.stderr[-3000:]

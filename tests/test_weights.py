@@ -388,7 +388,9 @@ def _run_script(*args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ),
+        # This checkout's protoad_jax, not whichever copy is pip-installed.
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])),
         check=False,
     )
 
