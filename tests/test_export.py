@@ -450,7 +450,7 @@ def test_scripts_export_then_predict_equals_live_predict(model, tmp_path):
     res = _run("predict.py", f"--exported={out}", f"--input={photos}", f"--output_dir={tmp_path / 'p1'}",
                "--noprogress")
     assert res.returncode == 0
-    assert "of 3 images anomalous" in res.stdout
+    assert "of 3 scored images anomalous; 0 skipped" in res.stdout
     res = _run("predict.py", f"--model={model_path}", f"--input={photos}", f"--output_dir={tmp_path / 'p2'}",
                "--noprogress")
     assert res.returncode == 0
