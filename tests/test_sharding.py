@@ -164,7 +164,7 @@ def main(out: str) -> None:
 
 def _start(out: Path, devices: int) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     return subprocess.Popen([sys.executable, __file__, str(out)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
