@@ -33,9 +33,12 @@ class Config:
       finch_early_exit: the FINCH authors' ``ensure_early_exit`` (their default): links longer
         than the longest level-0 link are cut above level 0.
       spherical: k-means with cosine assignment on L2-normalised patches.
-      max_patches: subsample the training patches to at most this many (seeded); None = all;
-        ``"auto"`` (default) = all on GPU/TPU, ``CPU_MAX_PATCHES`` on CPU, where exact FINCH
-        costs O(n^2 d) (50k patches: 69 s on 2 cores; 1.23M projected at ~11 h).
+      max_patches: keep at most this many training patches (seeded); None = all; ``"auto"``
+        (default) = all on GPU/TPU, ``CPU_MAX_PATCHES`` on CPU, where exact FINCH costs
+        ``O(n^2 d)`` (times in BENCHMARKS.md).
+      patch_sampler: how ``max_patches`` are chosen: ``"random"`` (uniform, seeded) or
+        ``"coreset"`` (greedy k-center on a seeded random projection, PatchCore's; needs all
+        patches in memory first).
       seed: PRNG seed for subsampling and k-means++.
       dtype: backbone compute dtype, ``"float32"`` or ``"bfloat16"``.
     """
@@ -53,6 +56,7 @@ class Config:
     finch_early_exit: bool = True
     spherical: bool = True
     max_patches: int | str | None = "auto"
+    patch_sampler: str = "random"
     seed: int = 0
     dtype: str = "float32"
 
@@ -60,6 +64,7 @@ class Config:
         checks = {
             "image_score": (self.image_score, ("smoothed_max", "patch_max")),
             "clustering": (self.clustering, ("finch", "kmeans")),
+            "patch_sampler": (self.patch_sampler, ("random", "coreset")),
             "dtype": (self.dtype, ("float32", "bfloat16")),
         }
         for name, (value, allowed) in checks.items():

@@ -49,8 +49,7 @@ from protoad_jax.chunking import is_sharded, map_rows, replicate, scan_rows
 from protoad_jax.scoring import NORM_EPS
 
 PRECISIONS = ("float32", "bfloat16")
-_ROWS_PER_HOST_BLOCK = 2048
-_FALLBACK_CANDIDATES = 256  # float64 host work in blocks of this many queries / keys
+_ROWS_PER_HOST_BLOCK = 2048  # float64 host work in blocks of this many queries / keys
 
 
 class Neighbours(NamedTuple):
@@ -61,7 +60,7 @@ class Neighbours(NamedTuple):
       similarity: ``[n]`` float64, that cosine (float64 arithmetic, clipped to ``[-1, 1]``).
       reranked: queries whose window held two or more candidates (re-ranked in float64).
       fallbacks: queries with more near ties than ``candidates``: searched again on the device
-        keeping ``_FALLBACK_CANDIDATES``.
+        keeping ``fallback_candidates``.
       exhaustive: queries with more near ties than that: searched exhaustively in float64.
       duplicates: rows that have an identical row elsewhere.
       precision: ``"float32"`` or ``"bfloat16"``, the candidate pass's arithmetic.
@@ -338,7 +337,8 @@ def candidate_lists(x: np.ndarray, candidates: int, *, chunk_size: int = 1024,
 
 
 def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candidates: int = 16,
-                     precision: str = "float32", mesh: Mesh | None = None) -> Neighbours:
+                     fallback_candidates: int = 256, precision: str = "float32",
+                     mesh: Mesh | None = None) -> Neighbours:
     """Every row's first neighbour under cosine similarity, as float64 decides it.
 
     Args:
@@ -347,6 +347,8 @@ def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candi
       chunk_size: rows per block of the candidate pass; device memory
         ``O(chunk_size^2 + chunk_size * d + n * candidates)``.
       candidates: approximate candidates kept per query (``c``).
+      fallback_candidates: the longer list searched again for queries whose ``c`` candidates
+        were all near ties.
       precision: candidate-pass arithmetic, ``"float32"`` or ``"bfloat16"``; the result does not
         depend on it, only the time: bfloat16's bound is ~40 times wider, so on densely
         clustered patches most queries fall back (see BENCHMARKS.md); float32 is the default.
@@ -407,7 +409,7 @@ def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candi
                              n - 1 - c, index)
     fallbacks = len(todo)
     if len(todo):  # more near ties than c: a longer list for those queries only
-        c2 = min(_FALLBACK_CANDIDATES, n - 1)
+        c2 = min(int(fallback_candidates), n - 1)
         v2, idx2 = _query_pass(replicate(jnp.asarray(device_x[todo]), mesh),
                                replicate(jnp.asarray(todo.astype(np.int32)), mesh), device_x,
                                device_ok, chunk=chunk, c=c2, bf16=bf16, mesh=mesh)

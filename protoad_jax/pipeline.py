@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 # backbone (Flax) is imported where the backbone is traced or loaded, so that `import protoad_jax`
 # and protoad_jax.load_exported never import Flax (tests/test_export.py checks it).
-from protoad_jax import data, features, finch, kmeans, scoring
+from protoad_jax import coreset, data, features, finch, kmeans, scoring
 from protoad_jax.config import EMBED_CHANNELS, EMBED_LAYERS, Config
 from protoad_jax.fileio import atomic_write
 from protoad_jax.progress import Progress
@@ -335,13 +335,20 @@ def extract_patches(images: Sequence[Any], variables: dict, config: Config, *, b
                     progress: bool = True) -> np.ndarray:
     """All (or ``config.patch_budget(...)`` seeded-sampled) L2-normalised patch embeddings ``[n, 1792]``.
 
-    Batches of ``batch_size`` (rounded up to a multiple of the local device count) are split
-    across the local devices.
+    ``config.patch_sampler``: ``"random"`` keeps a uniform seeded sample (drawn before the
+    extraction, so only the kept patches are stored); ``"coreset"`` extracts every patch, then
+    keeps the greedy k-center coreset (``coreset.greedy_coreset``). Batches of ``batch_size``
+    (rounded up to a multiple of the local device count) are split across the local devices.
     """
     per_image = (config.image_size // 4) ** 2
     total = len(images) * per_image
     keep = None
     budget = config.patch_budget(jax.default_backend())
+    if budget is not None and budget < total and config.patch_sampler == "coreset":
+        patches = extract_patches(images, variables, dataclasses.replace(config, max_patches=None),
+                                  batch_size=batch_size, progress=progress)
+        with Progress(f"coreset ({budget} of {len(patches)} patches)", None, "", progress):
+            return patches[coreset.greedy_coreset(patches, budget, config.seed)]
     if budget is not None and budget < total:
         rng = np.random.default_rng(config.seed)
         keep = np.sort(rng.choice(total, size=budget, replace=False))
