@@ -49,7 +49,9 @@ from protoad_jax.chunking import is_sharded, map_rows, replicate, scan_rows
 from protoad_jax.scoring import NORM_EPS
 
 PRECISIONS = ("float32", "bfloat16")
-_ROWS_PER_HOST_BLOCK = 2048  # float64 host work in blocks of this many queries / keys
+_ROWS_PER_HOST_BLOCK = 2048
+_PAIRS_PER_HOST_BLOCK = 4096
+_RERANK_QUERIES = 256  # float64 host work in blocks of this many queries / keys
 
 
 class Neighbours(NamedTuple):
@@ -285,15 +287,16 @@ def _settle(xh: np.ndarray, rows: np.ndarray, v: np.ndarray, idx: np.ndarray, bo
     lone = ~full & (width == 1)
     index[rows[lone]] = idx[lone, 0]
     rerank = np.flatnonzero(~full & (width >= 2))
-    d = xh.shape[1]
-    for s in range(0, len(rerank), _ROWS_PER_HOST_BLOCK):
-        sel = rerank[s:s + _ROWS_PER_HOST_BLOCK]
-        cand = np.where(inside[sel], idx[sel], idx[sel, :1]).astype(np.int64)
-        u = unit64(xh[rows[sel]])
-        uc = unit64(xh[cand.reshape(-1)]).reshape(len(sel), c, d)
-        sim = np.where(inside[sel], np.clip(np.einsum("qd,qcd->qc", u, uc), -1.0, 1.0), -np.inf)
-        tied = np.where(sim == sim.max(axis=1, keepdims=True), cand, np.iinfo(np.int64).max)
-        index[rows[sel]] = tied.min(axis=1)  # lowest index among float64 ties
+    for s in range(0, len(rerank), _RERANK_QUERIES):
+        block = rerank[s:s + _RERANK_QUERIES]
+        ok = inside[block]
+        keys = np.unique(idx[block][ok])  # the block's candidates, each read once
+        sim = np.clip(unit64(xh[keys]) @ unit64(xh[rows[block]]).T, -1.0, 1.0).T  # [b, keys]
+        pos = np.searchsorted(keys, np.where(ok, idx[block], keys[0]))
+        cand = np.where(ok, np.take_along_axis(sim, pos, axis=1), -np.inf)
+        best = cand.max(axis=1, keepdims=True)
+        tied = np.where(cand == best, idx[block].astype(np.int64), np.iinfo(np.int64).max)
+        index[rows[block]] = tied.min(axis=1)  # lowest index among float64 ties
     return rows[full], len(rerank)
 
 
@@ -326,11 +329,12 @@ def candidate_lists(x: np.ndarray, candidates: int, *, chunk_size: int = 1024,
     threshold = np.where(full, v[:, -1] + error_bound(d, prec), -np.inf)
     sims = np.full((n, c), -np.inf)
     u = unit64(x)
-    for s in range(0, n, _ROWS_PER_HOST_BLOCK):
-        i = idx[s:s + _ROWS_PER_HOST_BLOCK]
+    rows = max(1, _PAIRS_PER_HOST_BLOCK // c)
+    for s in range(0, n, rows):
+        i = idx[s:s + rows]
         uc = u[np.maximum(i, 0).reshape(-1)].reshape(*i.shape, d)
-        sim = np.clip(np.einsum("qd,qcd->qc", u[s:s + _ROWS_PER_HOST_BLOCK], uc), -1.0, 1.0)
-        sims[s:s + _ROWS_PER_HOST_BLOCK] = np.where(i >= 0, sim, -np.inf)
+        sim = np.clip(np.einsum("qd,qcd->qc", u[s:s + rows], uc), -1.0, 1.0)
+        sims[s:s + rows] = np.where(i >= 0, sim, -np.inf)
     order = np.argsort(-sims, axis=1, kind="stable")
     return (np.take_along_axis(idx, order, axis=1), np.take_along_axis(sims, order, axis=1),
             threshold)
