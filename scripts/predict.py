@@ -39,9 +39,7 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def main(argv):
     del argv
-    from protoad_jax import data, evaluation, fileio, load_model, pipeline, report, xla_cpu
-
-    xla_cpu.tune()  # before any JAX computation
+    from protoad_jax import data, evaluation, fileio, load_model, pipeline, report
 
     model_path = Path(FLAGS.model)
     model = load_model(model_path)
