@@ -14,7 +14,7 @@ class Progress:
         self.n, self.start, self._last, self._done = 0, time.perf_counter(), 0.0, False
         self._tty = sys.stderr.isatty()
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Progress:  # noqa: PYI034 - no typing.Self on Python 3.10
         self._draw(force=True)
         return self
 

@@ -1,12 +1,15 @@
 """XLA:CPU compiler options for the WideResNet convolutions, set per computation.
 
 XLA:CPU (jaxlib 0.10) hands convolutions and their neighbours to YNNPACK library fusions by
-default. For this backbone XLA's own emitters are faster (BENCHMARKS.md, e2e table), so
-``pipeline.py`` compiles its jitted regions (backbone -> embed, backbone -> embed -> score) with
-``compiler_options()``, which turns the library fusions off for those computations only. It is a
-per-computation option (``jax.jit(..., compiler_options=...)``): it takes effect in any program
-that imports protoad_jax, before or after JAX's backends started, and changes no process-wide
-setting. Nothing to call for library users.
+default. For this backbone XLA's own emitters are faster (README, Speed, measured side by side
+by ``python scripts/embedded_speed.py``), so ``pipeline.py`` compiles its jitted regions
+(backbone -> embed, backbone -> embed -> score) with ``compiler_options()``, which turns the
+library fusions off for those computations only. FINCH and k-means keep XLA's defaults: the
+option did not speed them up. It is a per-computation option (``jax.jit(...,
+compiler_options=...)``): it takes effect in any program that imports protoad_jax, before or
+after JAX's backends started, and changes no process-wide setting, so library users call
+nothing. JAX accepts compiler options on the outermost ``jax.jit`` only: a user's own jit
+around the scorer passes ``compiler_options=compiler_options()`` to keep them.
 
 No options (XLA's defaults) when the default backend is not CPU, when ``XLA_FLAGS`` already
 chooses ``--xla_cpu_experimental_ynn_fusion_type`` (the user's choice wins), or when this jaxlib's

@@ -25,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch
 
-from absl import app, flags  # noqa: E402 - after the environment default above
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Batch sizes.")
@@ -71,11 +71,11 @@ def main(argv):
 
     jdev, tname = jax.devices()[0], (torch.cuda.get_device_name() if tdev.type == "cuda" else "cpu")
     lines = [
-        f"### scoring path on {jdev.device_kind} ({jdev.platform}): protoad_jax vs PyTorch "
-        f"reference on {tname}, K = {FLAGS.k}, 224x224",
+        (f"### scoring path on {jdev.device_kind} ({jdev.platform}): protoad_jax vs PyTorch "
+         f"reference on {tname}, K = {FLAGS.k}, 224x224"),
         "",
-        "| dtype | batch | jax ms | jax img/s | torch ms | torch img/s | jax speed-up | "
-        "jax first call s | max abs map diff |",
+        ("| dtype | batch | jax ms | jax img/s | torch ms | torch img/s | jax speed-up | "
+         "jax first call s | max abs map diff |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for dtype in FLAGS.dtypes:
@@ -89,11 +89,12 @@ def main(argv):
             diff = float(np.abs(maps - run_torch(b, dtype)).max())
             tj, tt, start = [], [], time.perf_counter()
             for _ in range(FLAGS.repeats):
-                for fn, ts in ((lambda: jax.block_until_ready(score(x)), tj),
-                               (lambda: run_torch(b, dtype), tt)):
-                    t = time.perf_counter()
-                    fn()
-                    ts.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                jax.block_until_ready(score(x))
+                tj.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                run_torch(b, dtype)
+                tt.append(time.perf_counter() - t)
                 if len(tj) >= 2 and time.perf_counter() - start > FLAGS.budget_s:
                     break
             mj, mt = statistics.median(tj), statistics.median(tt)
