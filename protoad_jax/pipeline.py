@@ -4,6 +4,8 @@ Library functions elsewhere are per-image and plain; here they are composed into
 regions, each built once per static configuration and cached (15 categories never recompile):
   * ``_embed_fn``: images ``[b, s, s, 3]`` -> L2-normalised patch embeddings ``[b, h, w, 1792]``;
   * ``_score_fn``: images ``[b, s, s, 3]`` -> ``ScoreResult`` batched (backbone -> embed -> head).
+Both compile with ``xla_cpu.compiler_options()`` (XLA:CPU's faster convolution emitters; none on
+GPU/TPU), so a user's program gets the same code as the scripts without any setup call.
 
 Devices: batches are split across all local devices (``local_mesh()``, axis ``"batch"``;
 ``batch_sharding()``), the backbone variables and prototypes replicated (``replicated_sharding()``,
@@ -31,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 # backbone (Flax) is imported where the backbone is traced or loaded, so that `import protoad_jax`
 # and protoad_jax.load_exported never import Flax (tests/test_export.py checks it).
-from protoad_jax import coreset, data, features, finch, kmeans, scoring
+from protoad_jax import coreset, data, features, finch, kmeans, scoring, xla_cpu
 from protoad_jax.config import EMBED_CHANNELS, EMBED_LAYERS, Config
 from protoad_jax.fileio import atomic_write
 from protoad_jax.progress import Progress
@@ -190,25 +192,25 @@ def _embed_batch(arch: str, dtype: str, variables: dict, images: jax.Array) -> j
 
 @functools.cache
 def _embed_fn(arch: str, dtype: str, out_dtype: str) -> Callable:
-    @jax.jit
     def fn(variables, images):
         return scoring.l2_normalize(_embed_batch(arch, dtype, variables, images)).astype(out_dtype)
 
-    return fn
+    return jax.jit(fn, compiler_options=xla_cpu.compiler_options())
 
 
 @functools.cache
 def _score_fn(arch: str, dtype: str, image_size: int, sigma: float, truncate: float,
-              image_score: str, chunk_size: int | None) -> Callable:
+              image_score: str, chunk_size: int | None, tuned: bool = True) -> Callable:
+    """The jitted scoring region; ``tuned=False`` without compiler options, for use inside a
+    user's ``jit`` (JAX accepts compiler options on top-level ``jit`` only)."""
     head = functools.partial(scoring.score_image, out_size=(image_size, image_size), sigma=sigma,
                              truncate=truncate, image_score=image_score, chunk_size=chunk_size)
 
-    @jax.jit
     def fn(variables, prototypes, images):
         emb = _embed_batch(arch, dtype, variables, images)
         return jax.vmap(head, in_axes=(0, None))(emb, prototypes)
 
-    return fn
+    return jax.jit(fn, compiler_options=xla_cpu.compiler_options() if tuned else None)
 
 
 def _score_config(config: Config, chunk_size: int | None) -> tuple:
@@ -497,8 +499,11 @@ def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int 
 
     The backbone runs batched; the head is vmapped per image. The jitted region is shared by
     every model with the same static settings (``_score_fn`` cache) and compiles once per batch
-    shape. The scorer can be called inside the user's own ``jax.jit`` and ``jax.vmap``; its
-    shape and dtype checks run at trace time, the NaN/inf check only on concrete inputs.
+    shape, with ``xla_cpu.compiler_options()``. The scorer can be called inside the user's own
+    ``jax.jit`` and ``jax.vmap``; its shape and dtype checks run at trace time, the NaN/inf check
+    only on concrete inputs. Inside the user's ``jax.jit`` the outer computation's compiler
+    options apply: ``jax.jit(f, compiler_options=protoad_jax.xla_cpu.compiler_options())`` keeps
+    the CPU speed.
 
     Devices: the variables and prototypes are replicated on every local device once, here.
     A concrete batch (numpy or jax array) is split across the local devices
@@ -520,18 +525,20 @@ def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int 
         ``[b, s, s, 3]`` float32 or hold NaN/inf.
     """
     fn, variables, prototypes = _scoring_parts(model, variables, chunk_size, "make_scorer")
+    traced_fn = _score_fn(*_score_config(model.config, _check_chunk_size(chunk_size)), tuned=False)
     size = model.config.image_size
     devices = local_mesh().size
 
     def scorer(images: jax.Array) -> tuple[jax.Array, jax.Array]:
         check_images(images, size)
         b = images.shape[0]
-        if devices > 1 and not isinstance(images, jax.core.Tracer):
+        traced = isinstance(images, jax.core.Tracer)
+        if devices > 1 and not traced:
             if b % devices:
                 pad = ((0, devices - b % devices),) + ((0, 0),) * 3
                 images = np.pad(images, pad) if isinstance(images, np.ndarray) else jnp.pad(images, pad)
             images = jax.device_put(images, batch_sharding())
-        res = fn(variables, prototypes, images)
+        res = (traced_fn if traced else fn)(variables, prototypes, images)
         if res.score.shape[0] != b:
             return res.anomaly_map[:b], res.score[:b]
         return res.anomaly_map, res.score

@@ -67,9 +67,7 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def main(argv):
     del argv
-    from protoad_jax import Config, demo, evaluation, xla_cpu
-
-    xla_cpu.tune()  # before any JAX computation
+    from protoad_jax import Config, data, demo, evaluation
 
     out = Path(FLAGS.output_dir or ("demo_output" if FLAGS.demo else f"runs/{FLAGS.dataset}"))
     dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
