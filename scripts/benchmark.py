@@ -47,7 +47,6 @@ import time
 from pathlib import Path
 
 from absl import app, flags
-
 from bench import backbone, cluster, data, e2e, harness, head, scale, torch_probe
 
 FLAGS = flags.FLAGS

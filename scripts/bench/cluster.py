@@ -14,7 +14,7 @@ import numpy as np
 from absl import app, flags
 
 from bench import harness
-from bench.harness import C, COMPILE_LOG, FLAGS, Table
+from bench.harness import COMPILE_LOG, FLAGS, C, Table
 from protoad_jax import finch, kmeans
 
 flags.DEFINE_list("cluster_sizes", ["10000", "20000"], "cluster: numbers of patches N.")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+import protoad_jax
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("threads", len(os.sched_getaffinity(0)),
                      "Cores for torch (set_num_threads) and JAX (process CPU affinity).")
@@ -227,9 +229,13 @@ def run_case(module: str, case: dict) -> dict:
     timeout_s = FLAGS.cluster_timeout_s
     cmd = [sys.executable, "-c", "from bench import harness; harness.case_main()", module,
            json.dumps(case)]
-    try:  # cwd: the child imports bench (and protoad_jax) from where this process does
+    # The child imports bench (from its cwd) and protoad_jax from where this process did.
+    path = [str(Path(protoad_jax.__file__).resolve().parent.parent),
+            *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s,
-                              cwd=SCRIPTS)
+                              cwd=SCRIPTS, env=env)
     except subprocess.TimeoutExpired:
         return dict(case, error=f"timeout after {timeout_s} s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -258,7 +264,7 @@ def case_main() -> None:
 
 # ----------------------------------------------------------------------------- BENCHMARKS.md
 
-_SIMD = re.compile(r"sse4_2|avx\w*|fma|f16c|amx\w*|asimd\w*|sve\w*|sme\w*")
+_SIMD = re.compile(r"sse4_2|avx\w*|fma|f16c|amx\w*|asimd\w*|sve\w*|sme(?!p$)\w*")  # not smep (x86)
 
 
 def _cpu() -> dict[str, str]:

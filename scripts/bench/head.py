@@ -12,7 +12,7 @@ import numpy as np
 from absl import flags
 
 from bench import harness
-from bench.harness import C, FLAGS, Table
+from bench.harness import FLAGS, C, Table
 from protoad_jax import scoring
 
 flags.DEFINE_list("head_ks", ["100", "1000", "10000"], "head: prototype counts K.")
