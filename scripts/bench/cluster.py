@@ -6,6 +6,7 @@ scaling unless --full / --cluster_sizes runs it."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import statistics
 import time
 
@@ -24,6 +25,10 @@ flags.DEFINE_integer("cluster_k", 1000, "cluster: K (FINCH required clusters, k-
 flags.DEFINE_integer("kmeans_iters", 20, "cluster: k-means max_iters.")
 flags.DEFINE_integer("cluster_repeats", 0, "cluster: timed calls after the first (compiling) call; "
                      "0 reports the first call minus its logged compile time.")
+flags.DEFINE_bool("fit_stage", True, "cluster: also run scripts/cluster_benchmark.py (FINCH before/"
+                  "after on real-photo patches, matmul peaks, merging at scale, coreset memory).")
+flags.DEFINE_list("fit_stage_args", [], "cluster: extra flags for scripts/cluster_benchmark.py, e.g. "
+                  "--fit_stage_args=--finch_n=5000,--merge_sizes=2000.")
 flags.DEFINE_bool("full", False,
                   "cluster: also run N = 1,230,000 (MVTec's largest category; hours on CPU).")
 
@@ -81,7 +86,38 @@ def run() -> list[Table]:
          "by the algorithm's scaling (FINCH level 0 = exact first neighbours, n^2 d; k-means++ "
          "and each Lloyd pass, n K d), memory linear through the two largest measured N."),
     ]
-    return [table.print()]
+    tables = [table.print()]
+    if FLAGS.fit_stage:
+        tables.append(_fit_stage())
+    return tables
+
+
+class _Markdown:
+    """Tables written by another script, kept as they are."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def markdown(self) -> str:
+        return self.text
+
+    def print(self) -> _Markdown:
+        print(self.text, flush=True)
+        return self
+
+
+def _fit_stage() -> _Markdown:
+    import subprocess
+    import sys
+    import tempfile
+
+    out = Path(tempfile.mkdtemp()) / "fit.md"
+    cmd = [sys.executable, str(harness.SCRIPTS / "cluster_benchmark.py"), f"--output={out}",
+           *FLAGS.fit_stage_args]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    body = out.read_text() if out.exists() else f"failed: {res.stderr[-1000:]}"
+    title = " ".join(["python scripts/cluster_benchmark.py", *FLAGS.fit_stage_args])
+    return _Markdown(f"### fit stage: {title}\n\n{body}").print()
 
 
 def case(spec: dict) -> dict:
