@@ -16,6 +16,7 @@ IMAGE_SCORES = {
     "patch_max": "max of the raw patch map (paper's equation)",
 }
 CLUSTERINGS = ("finch", "kmeans")
+PATCH_SAMPLERS = ("random", "coreset")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -40,9 +41,12 @@ class Config:
       finch_early_exit: the FINCH authors' ``ensure_early_exit`` (their default): links longer
         than the longest level-0 link are cut above level 0.
       spherical: k-means with cosine assignment on L2-normalised patches.
-      max_patches: subsample the training patches to at most this many (seeded); None = all;
-        ``"auto"`` (default) = all on GPU/TPU, ``CPU_MAX_PATCHES`` on CPU, where exact FINCH
-        costs O(n^2 d) (timings: BENCHMARKS.md, ``scripts/benchmark.py scale``).
+      max_patches: keep at most this many training patches (seeded); None = all; ``"auto"``
+        (default) = all on GPU/TPU, ``CPU_MAX_PATCHES`` on CPU, where exact FINCH costs
+        ``O(n^2 d)`` (times in BENCHMARKS.md).
+      patch_sampler: how ``max_patches`` are chosen: ``"random"`` (uniform, seeded) or
+        ``"coreset"`` (greedy k-center on a seeded random projection, PatchCore's; needs all
+        patches in memory first).
       seed: PRNG seed for subsampling and k-means++.
       dtype: backbone compute dtype, ``"float32"`` or ``"bfloat16"``.
     """
@@ -60,6 +64,7 @@ class Config:
     finch_early_exit: bool = True
     spherical: bool = True
     max_patches: int | str | None = "auto"
+    patch_sampler: str = "random"
     seed: int = 0
     dtype: str = "float32"
 
@@ -67,6 +72,7 @@ class Config:
         checks = {
             "image_score": (self.image_score, tuple(IMAGE_SCORES)),
             "clustering": (self.clustering, CLUSTERINGS),
+            "patch_sampler": (self.patch_sampler, PATCH_SAMPLERS),
             "dtype": (self.dtype, DTYPES),
         }
         for name, (value, allowed) in checks.items():

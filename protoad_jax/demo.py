@@ -368,3 +368,52 @@ def photo_crops(count: int, seed: int = 0, size: int = 224) -> list[np.ndarray]:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         out.append(preprocess_image(crop, size + size // 7, size))
     return out
+
+
+PHOTO = "photo"
+PHOTO_DEFECTS = ("hole", "scratch", "stain")
+
+
+def make_photo_dataset(root: str | os.PathLike, seed: int = 0, n_train: int = 12,
+                       n_test_good: int = 6, n_test_bad: int = 9, size: int = 256) -> Path:
+    """Real photographs with synthetic defects, in MVTec AD layout (category ``"photo"``).
+
+    Images are seeded crops of scikit-learn's sample photographs (``photo_crops``' sampling,
+    resized to ``size``); defective test images get a hole, scratch or stain painted as in the
+    demo categories, and the mask is exactly the pixels that changed. Needs scikit-learn.
+    """
+    from sklearn.datasets import load_sample_images  # test/benchmark dependency only
+
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    root = Path(root)
+    cat = root / PHOTO
+
+    def crop(rng):
+        img = photos[int(rng.integers(len(photos)))]
+        w, h = img.size
+        side = int(rng.integers(min(w, h) // 3, min(w, h) + 1))
+        x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        c = img.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.Resampling.LANCZOS)
+        return np.asarray(c, np.float64)
+
+    for split, n in [("train", n_train), ("good", n_test_good)] + list(
+            _split_counts(n_test_bad, PHOTO_DEFECTS).items()):
+        for i in range(n):
+            rng = np.random.default_rng([seed, 3, _SPLIT_ID[split], i])
+            img = crop(rng)
+            folder = cat / "train" / "good" if split == "train" else cat / "test" / split
+            if split in ("train", "good"):
+                _save(_to_u8(img), folder / f"{i:03d}.png", "PNG")
+                continue
+            if split == "hole":
+                out = _hole(rng, img, size, None, np.array([205.0, 200.0, 185.0]))
+            elif split == "scratch":
+                out = _scratch(rng, img, size, None, bright=True)
+            else:
+                out = _stain(rng, img, size, None, np.array([140.0, 66.0, 24.0]))
+            image = _to_u8(out)
+            mask = np.any(image != _to_u8(img), axis=-1)
+            _save(image, folder / f"{i:03d}.png", "PNG")
+            _save((mask * 255).astype(np.uint8), cat / "ground_truth" / split / f"{i:03d}_mask.png",
+                  "PNG")
+    return root

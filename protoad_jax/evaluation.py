@@ -135,6 +135,7 @@ def settings(config: Config, weights_desc: str) -> dict[str, Any]:
         "finch_level": config.finch_level if config.num_prototypes is None else None,
         "finch_early_exit": config.finch_early_exit if config.clustering == "finch" else None,
         "max_patches": config.max_patches,
+        "patch_sampler": config.patch_sampler,
         "max_patches_resolved": config.patch_budget(jax.default_backend()),
         "seed": config.seed,
         "backbone_dtype": config.dtype,

@@ -50,7 +50,8 @@ from protoad_jax.scoring import NORM_EPS
 
 PRECISIONS = ("float32", "bfloat16")
 _ROWS_PER_HOST_BLOCK = 2048
-_FALLBACK_CANDIDATES = 256  # float64 host work in blocks of this many queries / keys
+_PAIRS_PER_HOST_BLOCK = 4096
+_RERANK_QUERIES = 256  # float64 host work in blocks of this many queries / keys
 
 
 class Neighbours(NamedTuple):
@@ -61,7 +62,7 @@ class Neighbours(NamedTuple):
       similarity: ``[n]`` float64, that cosine (float64 arithmetic, clipped to ``[-1, 1]``).
       reranked: queries whose window held two or more candidates (re-ranked in float64).
       fallbacks: queries with more near ties than ``candidates``: searched again on the device
-        keeping ``_FALLBACK_CANDIDATES``.
+        keeping ``fallback_candidates``.
       exhaustive: queries with more near ties than that: searched exhaustively in float64.
       duplicates: rows that have an identical row elsewhere.
       precision: ``"float32"`` or ``"bfloat16"``, the candidate pass's arithmetic.
@@ -286,15 +287,16 @@ def _settle(xh: np.ndarray, rows: np.ndarray, v: np.ndarray, idx: np.ndarray, bo
     lone = ~full & (width == 1)
     index[rows[lone]] = idx[lone, 0]
     rerank = np.flatnonzero(~full & (width >= 2))
-    d = xh.shape[1]
-    for s in range(0, len(rerank), _ROWS_PER_HOST_BLOCK):
-        sel = rerank[s:s + _ROWS_PER_HOST_BLOCK]
-        cand = np.where(inside[sel], idx[sel], idx[sel, :1]).astype(np.int64)
-        u = unit64(xh[rows[sel]])
-        uc = unit64(xh[cand.reshape(-1)]).reshape(len(sel), c, d)
-        sim = np.where(inside[sel], np.clip(np.einsum("qd,qcd->qc", u, uc), -1.0, 1.0), -np.inf)
-        tied = np.where(sim == sim.max(axis=1, keepdims=True), cand, np.iinfo(np.int64).max)
-        index[rows[sel]] = tied.min(axis=1)  # lowest index among float64 ties
+    for s in range(0, len(rerank), _RERANK_QUERIES):
+        block = rerank[s:s + _RERANK_QUERIES]
+        ok = inside[block]
+        keys = np.unique(idx[block][ok])  # the block's candidates, each read once
+        sim = np.clip(unit64(xh[keys]) @ unit64(xh[rows[block]]).T, -1.0, 1.0).T  # [b, keys]
+        pos = np.searchsorted(keys, np.where(ok, idx[block], keys[0]))
+        cand = np.where(ok, np.take_along_axis(sim, pos, axis=1), -np.inf)
+        best = cand.max(axis=1, keepdims=True)
+        tied = np.where(cand == best, idx[block].astype(np.int64), np.iinfo(np.int64).max)
+        index[rows[block]] = tied.min(axis=1)  # lowest index among float64 ties
     return rows[full], len(rerank)
 
 
@@ -327,18 +329,20 @@ def candidate_lists(x: np.ndarray, candidates: int, *, chunk_size: int = 1024,
     threshold = np.where(full, v[:, -1] + error_bound(d, prec), -np.inf)
     sims = np.full((n, c), -np.inf)
     u = unit64(x)
-    for s in range(0, n, _ROWS_PER_HOST_BLOCK):
-        i = idx[s:s + _ROWS_PER_HOST_BLOCK]
+    rows = max(1, _PAIRS_PER_HOST_BLOCK // c)
+    for s in range(0, n, rows):
+        i = idx[s:s + rows]
         uc = u[np.maximum(i, 0).reshape(-1)].reshape(*i.shape, d)
-        sim = np.clip(np.einsum("qd,qcd->qc", u[s:s + _ROWS_PER_HOST_BLOCK], uc), -1.0, 1.0)
-        sims[s:s + _ROWS_PER_HOST_BLOCK] = np.where(i >= 0, sim, -np.inf)
+        sim = np.clip(np.einsum("qd,qcd->qc", u[s:s + rows], uc), -1.0, 1.0)
+        sims[s:s + rows] = np.where(i >= 0, sim, -np.inf)
     order = np.argsort(-sims, axis=1, kind="stable")
     return (np.take_along_axis(idx, order, axis=1), np.take_along_axis(sims, order, axis=1),
             threshold)
 
 
 def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candidates: int = 16,
-                     precision: str = "float32", mesh: Mesh | None = None) -> Neighbours:
+                     fallback_candidates: int = 256, precision: str = "float32",
+                     mesh: Mesh | None = None) -> Neighbours:
     """Every row's first neighbour under cosine similarity, as float64 decides it.
 
     Args:
@@ -347,6 +351,8 @@ def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candi
       chunk_size: rows per block of the candidate pass; device memory
         ``O(chunk_size^2 + chunk_size * d + n * candidates)``.
       candidates: approximate candidates kept per query (``c``).
+      fallback_candidates: the longer list searched again for queries whose ``c`` candidates
+        were all near ties.
       precision: candidate-pass arithmetic, ``"float32"`` or ``"bfloat16"``; the result does not
         depend on it, only the time: bfloat16's bound is ~40 times wider, so on densely
         clustered patches most queries fall back (see BENCHMARKS.md); float32 is the default.
@@ -407,7 +413,7 @@ def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candi
                              n - 1 - c, index)
     fallbacks = len(todo)
     if len(todo):  # more near ties than c: a longer list for those queries only
-        c2 = min(_FALLBACK_CANDIDATES, n - 1)
+        c2 = min(int(fallback_candidates), n - 1)
         v2, idx2 = _query_pass(replicate(jnp.asarray(device_x[todo]), mesh),
                                replicate(jnp.asarray(todo.astype(np.int32)), mesh), device_x,
                                device_ok, chunk=chunk, c=c2, bf16=bf16, mesh=mesh)

@@ -5,7 +5,9 @@ regions, each built once per static configuration and cached (15 categories neve
   * ``_embed_fn``: images ``[b, s, s, 3]`` -> L2-normalised patch embeddings ``[b, h, w, 1792]``;
   * ``scoring_function``: images ``[b, s, s, 3]`` -> ``ScoreResult`` batched (backbone -> embed
     -> head).
-The fitted model and its file are ``protoad_jax.model``.
+Both compile with ``xla_cpu.compiler_options()`` (XLA:CPU's faster convolution emitters; none on
+GPU/TPU), so a user's program gets the same code as the scripts without any setup call. The
+fitted model and its file are ``protoad_jax.model``.
 
 Devices: batches are split across all local devices (``local_mesh()``, axis ``"batch"``;
 ``batch_sharding()``), the backbone variables and prototypes replicated (``replicated_sharding()``,
@@ -30,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 # backbone (Flax) is imported where the backbone is traced or loaded, so that `import protoad_jax`
 # and protoad_jax.load_exported never import Flax (tests/test_export.py checks it).
-from protoad_jax import data, features, finch, kmeans, scoring
+from protoad_jax import coreset, data, features, finch, kmeans, scoring, xla_cpu
 from protoad_jax.config import EMBED_CHANNELS, EMBED_LAYERS, Config
 from protoad_jax.model import Model, check_prototypes
 from protoad_jax.progress import Progress
@@ -62,41 +64,43 @@ def _embed_batch(arch: str, dtype: str, variables: dict, images: jax.Array) -> j
 
 @functools.cache
 def _embed_fn(arch: str, dtype: str, out_dtype: str) -> Callable:
-    @jax.jit
     def fn(variables, images):
         return scoring.l2_normalize(_embed_batch(arch, dtype, variables, images)).astype(out_dtype)
 
-    return fn
+    return jax.jit(fn, compiler_options=xla_cpu.compiler_options())
 
 
 @functools.cache
 def _score_fn(arch: str, dtype: str, image_size: int, sigma: float, truncate: float,
-              image_score: str, chunk_size: int | None) -> Callable:
+              image_score: str, chunk_size: int | None, tuned: bool = True) -> Callable:
+    """The jitted scoring region; ``tuned=False`` without compiler options, for use inside a
+    user's ``jit`` (JAX accepts compiler options on top-level ``jit`` only)."""
     head = functools.partial(scoring.score_image, out_size=(image_size, image_size), sigma=sigma,
                              truncate=truncate, image_score=image_score, chunk_size=chunk_size)
 
-    @jax.jit
     def fn(variables, prototypes, images):
         emb = _embed_batch(arch, dtype, variables, images)
         return jax.vmap(head, in_axes=(0, None))(emb, prototypes)
 
-    return fn
+    return jax.jit(fn, compiler_options=xla_cpu.compiler_options() if tuned else None)
 
 
-def scoring_function(config: Config, chunk_size: int | None = None) -> Callable:
+def scoring_function(config: Config, chunk_size: int | None = None, *,
+                     tuned: bool = True) -> Callable:
     """The cached jitted scoring region for ``config``'s static settings.
 
     ``fn(variables, prototypes [k, c], images [b, s, s, 3]) -> ScoreResult`` batched: backbone,
     embedding and head (``scoring.score_image``, vmapped). Configs with the same architecture,
     dtype, image size, sigma, truncate and image score share one function (``fn._cache_size()``
-    counts its compiled shapes).
+    counts its compiled shapes). ``tuned=False``: without ``xla_cpu.compiler_options()``, for
+    use inside a user's ``jit`` (JAX accepts compiler options on a top-level ``jit`` only).
 
     Raises:
       ValueError: ``chunk_size`` is not a positive integer or None.
     """
     return _score_fn(config.arch, config.dtype, config.image_size, float(config.sigma),
                      float(config.truncate), config.image_score,
-                     scoring.check_chunk_size(chunk_size))
+                     scoring.check_chunk_size(chunk_size), tuned)
 
 
 # ----------------------------------------------------------------------------- devices
@@ -218,13 +222,20 @@ def extract_patches(images: Sequence[Any], variables: dict, config: Config, *, b
                     progress: bool = True) -> np.ndarray:
     """All (or ``config.patch_budget(...)`` seeded-sampled) L2-normalised patch embeddings ``[n, 1792]``.
 
-    Batches of ``batch_size`` (rounded up to a multiple of the local device count) are split
-    across the local devices.
+    ``config.patch_sampler``: ``"random"`` keeps a uniform seeded sample (drawn before the
+    extraction, so only the kept patches are stored); ``"coreset"`` extracts every patch, then
+    keeps the greedy k-center coreset (``coreset.greedy_coreset``). Batches of ``batch_size``
+    (rounded up to a multiple of the local device count) are split across the local devices.
     """
     per_image = (config.image_size // 4) ** 2
     total = len(images) * per_image
     keep = None
     budget = config.patch_budget(jax.default_backend())
+    if budget is not None and budget < total and config.patch_sampler == "coreset":
+        patches = extract_patches(images, variables, dataclasses.replace(config, max_patches=None),
+                                  batch_size=batch_size, progress=progress)
+        with Progress(f"coreset ({budget} of {len(patches)} patches)", None, "", progress):
+            return patches[coreset.greedy_coreset(patches, budget, config.seed)]
     if budget is not None and budget < total:
         rng = np.random.default_rng(config.seed)
         keep = np.sort(rng.choice(total, size=budget, replace=False))
@@ -372,8 +383,11 @@ def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int 
 
     The backbone runs batched; the head is vmapped per image. The jitted region is shared by
     every model with the same static settings (``scoring_function``) and compiles once per batch
-    shape. The scorer can be called inside the user's own ``jax.jit`` and ``jax.vmap``; its
-    shape and dtype checks run at trace time, the NaN/inf check only on concrete inputs.
+    shape, with ``xla_cpu.compiler_options()``. The scorer can be called inside the user's own
+    ``jax.jit`` and ``jax.vmap``; its shape and dtype checks run at trace time, the NaN/inf check
+    only on concrete inputs. Inside the user's ``jax.jit`` the outer computation's compiler
+    options apply: ``jax.jit(f, compiler_options=protoad_jax.xla_cpu.compiler_options())`` keeps
+    the CPU speed.
 
     Devices: the variables and prototypes are replicated on every local device once, here.
     A concrete batch (numpy or jax array) is split across the local devices
@@ -396,18 +410,20 @@ def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int 
     """
     fn, variables, prototypes = scoring_parts(model, variables, chunk_size=chunk_size,
                                               caller="make_scorer")
+    traced_fn = scoring_function(model.config, chunk_size, tuned=False)
     size = model.config.image_size
     devices = local_mesh().size
 
     def scorer(images: jax.Array) -> tuple[jax.Array, jax.Array]:
         check_images(images, size)
         b = images.shape[0]
-        if devices > 1 and not isinstance(images, jax.core.Tracer):
+        traced = isinstance(images, jax.core.Tracer)
+        if devices > 1 and not traced:
             if b % devices:
                 pad = ((0, devices - b % devices),) + ((0, 0),) * 3
                 images = np.pad(images, pad) if isinstance(images, np.ndarray) else jnp.pad(images, pad)
             images = jax.device_put(images, batch_sharding())
-        res = fn(variables, prototypes, images)
+        res = (traced_fn if traced else fn)(variables, prototypes, images)
         if res.score.shape[0] != b:
             return res.anomaly_map[:b], res.score[:b]
         return res.anomaly_map, res.score

@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 import time
 
-from typing_extensions import Self
-
 
 class Progress:
     """``with Progress("features", total=n) as bar: bar.update(k)``; silent when ``enabled`` is False."""
@@ -16,7 +14,7 @@ class Progress:
         self.n, self.start, self._last, self._done = 0, time.perf_counter(), 0.0, False
         self._tty = sys.stderr.isatty()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Progress:  # noqa: PYI034 - no typing.Self on Python 3.10
         self._draw(force=True)
         return self
 

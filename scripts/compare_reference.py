@@ -57,9 +57,6 @@ def _image_list(specs: list[str], max_images: int | None) -> list[tuple[str, Pat
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from protoad_jax import xla_cpu
-
-    xla_cpu.tune()  # before any JAX computation
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     import numpy as np

@@ -49,6 +49,8 @@ flags.DEFINE_bool("finch_early_exit", True, "FINCH authors' ensure_early_exit (t
                   "--nofinch_early_exit turns it off.")
 flags.DEFINE_string("max_patches", "auto", "Subsample training patches to this many (seeded); 'all'; "
                     "'auto' = all on GPU/TPU, config.CPU_MAX_PATCHES on CPU.")
+flags.DEFINE_enum("patch_sampler", "random", ["random", "coreset"], "How --max_patches are chosen: "
+                  "uniform seeded sample, or greedy k-center coreset (PatchCore's).")
 flags.DEFINE_integer("seed", 0, "Seed for subsampling, k-means++ and the demo data.")
 flags.DEFINE_enum("image_score", "smoothed_max", ["smoothed_max", "patch_max"], "Image score definition.")
 flags.DEFINE_bool("normalize_prototypes", True, "L2-normalise prototypes (False: reference code's raw means).")
@@ -65,9 +67,7 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def main(argv):
     del argv
-    from protoad_jax import Config, cli, demo, evaluation, xla_cpu
-
-    xla_cpu.tune()  # before any JAX computation
+    from protoad_jax import Config, cli, data, demo, evaluation
 
     out = Path(FLAGS.output_dir or ("demo_output" if FLAGS.demo else f"runs/{FLAGS.dataset}"))
     dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
@@ -79,7 +79,8 @@ def main(argv):
     config = Config(clustering=FLAGS.clustering, seed=FLAGS.seed, finch_level=FLAGS.finch_level,
                     finch_early_exit=FLAGS.finch_early_exit,
                     num_prototypes=(evaluation.DEFAULT_K if k is None else k or None),
-                    max_patches=_max_patches(FLAGS.max_patches), image_score=FLAGS.image_score,
+                    max_patches=_max_patches(FLAGS.max_patches),
+                    patch_sampler=FLAGS.patch_sampler, image_score=FLAGS.image_score,
                     normalize_prototypes=FLAGS.normalize_prototypes, dtype=FLAGS.dtype)
     try:
         backbone = evaluation.resolve_backbone(FLAGS.weights, config.arch, demo=FLAGS.demo,

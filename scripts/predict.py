@@ -54,9 +54,8 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def main(argv):
     del argv
-    from protoad_jax import data, prediction, report, xla_cpu
+    from protoad_jax import data, prediction, report
 
-    xla_cpu.tune()  # before any JAX computation
     if (FLAGS.model is None) == (FLAGS.exported is None):
         raise app.UsageError("pass exactly one of --model=M.npz and --exported=DIR")
     paths = data.find_images(FLAGS.input)

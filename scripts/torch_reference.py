@@ -70,8 +70,8 @@ def reference_head(embedding_nchw, prototypes: np.ndarray, out_size: int = 224, 
     """
     emb = F.normalize(torch.as_tensor(embedding_nchw, dtype=torch.float32), dim=1)
     kernels = torch.from_numpy(np.array(prototypes, np.float32))[:, :, None, None]  # a copy
-    sim = F.conv2d(emb, kernels)  # [B, K, h, w]
-    patch_maps = (1 - torch.max(sim, dim=1)[0]).numpy()  # [B, h, w]
+    sim = F.conv2d(emb, kernels.to(emb.device))  # [B, K, h, w], on the embedding's device
+    patch_maps = (1 - torch.max(sim, dim=1)[0]).cpu().numpy()  # [B, h, w]; the rest on the host
     maps = []
     for pm in patch_maps:
         up = cv2.resize(pm, (out_size, out_size), interpolation=cv2.INTER_LINEAR)

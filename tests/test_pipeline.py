@@ -29,7 +29,7 @@ from sklearn.datasets import load_sample_images
 
 import protoad_jax
 from protoad_jax import model as model_lib
-from protoad_jax import pipeline, torch_weights, weights
+from protoad_jax import pipeline, torch_weights, weights, xla_cpu
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -283,14 +283,17 @@ def test_scorer_matches_score_images_and_eager(wrn, images, models):
 def test_scorer_inside_user_jit_and_vmap(wrn, images, models):
     scorer = protoad_jax.make_scorer(models["finch_norm"], wrn.variables)
     x = images.jax_x[2:6].reshape(2, B, 224, 224, 3)  # photo crops, then random images
-    maps, scores = jax.jit(jax.vmap(scorer))(jnp.asarray(x))
-    assert maps.shape == (2, B, 224, 224) and scores.shape == (2, B)
     per_slice = [scorer(s) for s in x]
-    err = max(max(_max_err(maps[i], m), _max_err(scores[i], s))
-              for i, (m, s) in enumerate(per_slice))
-    print(f"jit(vmap(scorer)) over [2, {B}, 224, 224, 3] vs per-slice calls: max abs err {err:.2e} "
-          "(tol 1e-6)")
-    assert err <= 1e-6
+    # A plain user jit, and the README's: the user's jit with protoad_jax's compiler options
+    # (JAX takes compiler options on the outermost jit only).
+    for options in (None, xla_cpu.compiler_options()):
+        maps, scores = jax.jit(jax.vmap(scorer), compiler_options=options)(jnp.asarray(x))
+        assert maps.shape == (2, B, 224, 224) and scores.shape == (2, B)
+        err = max(max(_max_err(maps[i], m), _max_err(scores[i], s))
+                  for i, (m, s) in enumerate(per_slice))
+        print(f"jit(vmap(scorer), compiler_options={options}) over [2, {B}, 224, 224, 3] vs "
+              f"per-slice calls: max abs err {err:.2e} (tol 1e-6)")
+        assert err <= 1e-6
     # The boundary checks still fire on tracers, at trace time.
     with pytest.raises(ValueError, match="must be float32"):
         jax.jit(scorer)(jnp.zeros((B, 224, 224, 3), jnp.bfloat16))

@@ -216,7 +216,9 @@ def test_gaussian_blur_matches_scipy(shape, sigma, dtype):
 def test_float64_under_x64_matches_to_rounding():
     """With jax_enable_x64 the float64 path reproduces cv2 and scipy float64 to ~1e-15."""
     m = _rng(4).normal(size=(28, 40))
-    with jax.enable_x64(True):
+    # jax.enable_x64 from jax 0.8; jax.experimental.enable_x64 before it (pyproject's floor: 0.6.1).
+    enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64
+    with enable_x64(True):
         up = scoring.upsample_bilinear(m, (112, 150))
         blur = scoring.gaussian_blur(np.asarray(up), 4.0)
         assert up.dtype == jnp.float64 and blur.dtype == jnp.float64
