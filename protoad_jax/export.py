@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
 
+from protoad_jax import xla_cpu
 from protoad_jax.config import IMAGENET_MEAN, IMAGENET_STD
 from protoad_jax.fileio import atomic_write_dir, json_default
 
@@ -181,8 +182,10 @@ def export_scorer(model: Model, variables: dict | None, output_dir: str | os.Pat
         raise ValueError(f"batch_size must be a positive integer or None (symbolic), got {batch_size!r}")
     out = Path(output_dir)
     _check_target(out)
+    # Untuned: it is traced inside the jit below (compiler options belong to a top-level jit,
+    # and an artifact carries none: its user's XLA compiles it).
     fn, variables, prototypes = pipeline.scoring_parts(model, variables, chunk_size=chunk_size,
-                                                       caller="export_scorer")
+                                                       tuned=False, caller="export_scorer")
     arrays = _flatten(variables)
     if PROTOTYPES in arrays:
         raise ValueError(f"backbone variables must not have a top-level {PROTOTYPES!r} entry")
@@ -446,11 +449,14 @@ def load_exported(directory: str | os.PathLike) -> tuple[Callable[[Any], tuple[j
                           f"({type(e).__name__}: {str(e)[:200]}); {why}") from e
     weight_avals, image_aval = _check_against_artifact(manifest, exported, folder, fix)
     weights = jax.device_put(_load_weights(weights_path, weight_avals, fix))
-    call = jax.jit(exported.call)
+    # With the live scorer's XLA:CPU options (xla_cpu.compiler_options()): as fast, and the same
+    # bits. Inside a user's jit the outer jit's options apply (JAX takes them on top-level only).
+    call = jax.jit(exported.call, compiler_options=xla_cpu.compiler_options())
+    traced_call = jax.jit(exported.call)
 
     def scorer(images: Any) -> tuple[jax.Array, jax.Array]:
         _check_images(images, image_aval, artifact)
-        return call(weights, images)
+        return (traced_call if isinstance(images, jax.core.Tracer) else call)(weights, images)
 
     return scorer, manifest
 

@@ -356,12 +356,13 @@ def calibrate_threshold(normal_scores: np.ndarray, quantile: float = 0.99) -> tu
 
 
 def scoring_parts(model: Model, variables: dict | None = None, *, chunk_size: int | None = None,
-                  caller: str = "scoring_parts") -> tuple[Callable, dict, jax.Array]:
+                  tuned: bool = True, caller: str = "scoring_parts"
+                  ) -> tuple[Callable, dict, jax.Array]:
     """What every scoring path runs: ``(fn, variables, prototypes)``.
 
-    ``fn`` is ``scoring_function(model.config, chunk_size)``; the backbone variables (loaded from
-    ``model.weights`` when not given) and the prototypes are replicated on the local devices.
-    ``caller`` names the public function in error messages.
+    ``fn`` is ``scoring_function(model.config, chunk_size, tuned=tuned)``; the backbone variables
+    (loaded from ``model.weights`` when not given) and the prototypes are replicated on the local
+    devices. ``caller`` names the public function in error messages.
 
     Raises:
       ValueError: prototypes not ``[k >= 1, 1792]`` or not finite; no weights; bad ``chunk_size``.
@@ -372,7 +373,7 @@ def scoring_parts(model: Model, variables: dict | None = None, *, chunk_size: in
             raise ValueError("the model records no backbone weights path; pass variables= "
                              "(pipeline.load_backbone(PATH.npz))")
         variables = load_backbone(model.weights, model.config.arch)
-    fn = scoring_function(model.config, chunk_size)
+    fn = scoring_function(model.config, chunk_size, tuned=tuned)
     variables, prototypes = _replicated((variables, jnp.asarray(model.prototypes, jnp.float32)))
     return fn, variables, prototypes
 

@@ -27,7 +27,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 import protoad_jax
-from protoad_jax import backbone, export, pipeline, scoring, weights
+from protoad_jax import backbone, export, pipeline, scoring, weights, xla_cpu
 from protoad_jax.config import IMAGENET_MEAN, IMAGENET_STD, Config
 from protoad_jax.export import ExportError
 
@@ -111,7 +111,11 @@ def test_exported_equals_live_bit_for_bit(exported, live, images):
     scorer, _ = protoad_jax.load_exported(exported)
     for batch in (images, images[:1], images[1:]):  # one artifact, any batch (symbolic b)
         _assert_same(scorer(batch), live(batch), f"batch {len(batch)}")
-    _assert_same(jax.jit(scorer)(images), live(images), "inside the user's jit")
+    # Inside a user's jit the outer jit's XLA options apply, to both scorers alike.
+    _assert_same(jax.jit(scorer)(images), jax.jit(live)(images), "inside the user's jit")
+    options = xla_cpu.compiler_options()
+    _assert_same(jax.jit(scorer, compiler_options=options)(images), live(images),
+                 "inside the user's jit with xla_cpu.compiler_options()")
     assert np.ptp(np.asarray(scorer(images)[1])) > 0  # scores vary: not a constant function
 
 
