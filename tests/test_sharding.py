@@ -38,7 +38,7 @@ def main(out: str) -> None:
 
     jax.config.update("jax_numpy_rank_promotion", "raise")  # as tests/conftest.py
     jax.config.update("jax_default_matmul_precision", "highest")
-    from protoad_jax import backbone, finch, kmeans, neighbours, pipeline, weights
+    from protoad_jax import backbone, finch, kmeans, neighbours, pipeline, weights, xla_cpu
     from protoad_jax.config import EMBED_CHANNELS, Config
 
     ndev = jax.local_device_count()
@@ -96,7 +96,8 @@ def main(out: str) -> None:
         info["pad3_maps_shape"] = list(maps3.shape)
         # Under the user's own jit the scorer leaves placement to the caller (sharded input).
         placed = jax.device_put(images, pipeline.batch_sharding())
-        jmaps, jscores = jax.jit(scorer)(placed)
+        # the user's jit with the library's XLA:CPU options (README "Use it from JAX"): the same code
+        jmaps, jscores = jax.jit(scorer, compiler_options=xla_cpu.compiler_options())(placed)
         res["jit_scorer_maps"], res["jit_scorer_scores"] = np.asarray(jmaps), np.asarray(jscores)
         info["jit_maps_devices"] = len(jmaps.sharding.device_set)
     lap("scorer_more")
