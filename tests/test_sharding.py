@@ -95,9 +95,9 @@ def main(out: str) -> None:
         maps3, scores3 = scorer(images[:3])
         res["pad3_maps"], res["pad3_scores"] = np.asarray(maps3), np.asarray(scores3)
         info["pad3_maps_shape"] = list(maps3.shape)
-        # Under the user's own jit the scorer leaves placement to the caller (sharded input);
-        # the user's jit carries the XLA:CPU options the scorer's own region compiles with.
+        # Under the user's own jit the scorer leaves placement to the caller (sharded input).
         placed = jax.device_put(images, pipeline.batch_sharding())
+        # the user's jit with the library's XLA:CPU options (README "Use it from JAX"): the same code
         jmaps, jscores = jax.jit(scorer, compiler_options=xla_cpu.compiler_options())(placed)
         res["jit_scorer_maps"], res["jit_scorer_scores"] = np.asarray(jmaps), np.asarray(jscores)
         info["jit_maps_devices"] = len(jmaps.sharding.device_set)
