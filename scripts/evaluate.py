@@ -67,7 +67,7 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def main(argv):
     del argv
-    from protoad_jax import Config, cli, data, demo, evaluation
+    from protoad_jax import Config, cli, demo, evaluation
 
     out = Path(FLAGS.output_dir or ("demo_output" if FLAGS.demo else f"runs/{FLAGS.dataset}"))
     dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
