@@ -33,7 +33,6 @@ searches run on the accelerator.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import numpy as np
@@ -104,7 +103,7 @@ def _distance(rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _sibling_diameter(rows: np.ndarray, kappa: np.ndarray) -> float:
     """Largest cosine distance between two samples that share a first neighbour."""
     order = np.argsort(kappa, kind="stable")
-    hubs, starts, sizes = np.unique(kappa[order], return_index=True, return_counts=True)
+    _, starts, sizes = np.unique(kappa[order], return_index=True, return_counts=True)
     worst = 0.0
     for s, k in zip(starts[sizes >= 2], sizes[sizes >= 2]):
         kids = unit64(rows[order[s:s + k]])
@@ -207,8 +206,8 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
             f"finch: num_clusters must be an integer in [1, n={n}], got {num_clusters!r}")
     itemsize = xh.dtype.itemsize if xh.dtype in (np.float16, np.float32) else 4
     _check_memory(n * d * itemsize + n * 64 * 8, f"the first-neighbour search over {n} samples",
-                  "subsample the patches (max_patches / --max_patches)")
-    kw = dict(chunk_size=chunk_size, precision=precision, mesh=mesh)
+                  "subsample the patches (Config.max_patches)")
+    kw = {"chunk_size": chunk_size, "precision": precision, "mesh": mesh}
 
     def counters(nb):
         return {"n": len(nb.index), "reranked": nb.reranked, "fallbacks": nb.fallbacks,

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 from jax.sharding import Mesh
 
-from protoad_jax.neighbours import candidate_lists, unit64
+from protoad_jax.neighbours import candidate_lists
 
 LIST_LENGTH = 32
 
@@ -65,7 +65,7 @@ def merge_closest(sums: np.ndarray, counts: np.ndarray, k: int, *, list_length: 
       ValueError: bad ``k``, shapes, or a zero sum (no direction).
     """
     sums = np.array(sums, np.float64)  # a copy: merged in place
-    m, d = sums.shape
+    m = sums.shape[0]
     counts = np.asarray(counts, np.float64).copy()
     if counts.shape != (m,):
         raise ValueError(f"merge_closest: counts must be [{m}], got {counts.shape}")

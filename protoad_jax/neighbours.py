@@ -279,7 +279,6 @@ def _settle(xh: np.ndarray, rows: np.ndarray, v: np.ndarray, idx: np.ndarray, bo
     Returns the rows left undecided (the ``c``-th candidate inside the window while keys
     outside the list exist) and how many were re-ranked in float64.
     """
-    c = idx.shape[1]
     v = v.astype(np.float64)
     inside = (v >= (v[:, :1] - 2.0 * bound)) & (idx >= 0) & (v > -np.inf)
     full = inside[:, -1] & (unseen > 0)
@@ -428,4 +427,4 @@ def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candi
         similarity[s:s + 8192] = cosine64(xh[s:s + 8192], xh[index[s:s + 8192]])
     return Neighbours(index.astype(np.int32), similarity, reranked=int(reranked),
                       fallbacks=int(fallbacks), exhaustive=int(exhaustive),
-                      duplicates=int(len(dup_rows)), precision=prec, bound=bound)
+                      duplicates=len(dup_rows), precision=prec, bound=bound)

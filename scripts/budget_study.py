@@ -59,10 +59,10 @@ def main(argv):
                                           out / f"{method}_{budget}", config, net,
                                           num_overlays=0, progress=False)
             seconds = time.perf_counter() - t
-            r = dict(category=category, method=method, patches=row["fit_info"]["num_patches"],
-                     image_auroc=row["image_auroc"], pixel_auroc=row["pixel_auroc"],
-                     aupro=row["aupro"], fit_s=row["seconds_fit_total"],
-                     finch_levels=row["fit_info"].get("finch_levels"), total_s=round(seconds, 1))
+            r = {"category": category, "method": method, "patches": row["fit_info"]["num_patches"],
+                     "image_auroc": row["image_auroc"], "pixel_auroc": row["pixel_auroc"],
+                     "aupro": row["aupro"], "fit_s": row["seconds_fit_total"],
+                     "finch_levels": row["fit_info"].get("finch_levels"), "total_s": round(seconds, 1)}
             rows.append(r)
             print(f"| {category} | {r['patches']} | {method} | {r['image_auroc']:.4f} | "
                   f"{r['pixel_auroc']:.4f} | {r['aupro']:.4f} | {r['fit_s']:.1f} |", flush=True)

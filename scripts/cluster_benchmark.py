@@ -92,7 +92,7 @@ def _case(case: dict) -> dict:
         a = jax.random.normal(jax.random.key(0), (4096, 1792))
         b = jax.random.normal(jax.random.key(1), (1792, 4096))
         for name, dt, prec in (("float32", jnp.float32, "highest"), ("bfloat16", jnp.bfloat16, None)):
-            f = jax.jit(lambda a, b: jnp.matmul(a.astype(dt), b.astype(dt), precision=prec,
+            f = jax.jit(lambda a, b: jnp.matmul(a.astype(dt), b.astype(dt), precision=prec,  # noqa: B023
                                                 preferred_element_type=jnp.float32))
             f(a, b).block_until_ready()
             ts = []
@@ -144,7 +144,7 @@ def _case(case: dict) -> dict:
             (1, x.shape[1])).astype(np.float16)
         t = time.perf_counter()
         idx = coreset.greedy_coreset(big, case["budget"], 0)
-        return {"seconds": time.perf_counter() - t, "kept": int(len(idx))}
+        return {"seconds": time.perf_counter() - t, "kept": len(idx)}
     raise ValueError(kind)
 
 
@@ -174,8 +174,8 @@ def main(argv):
         out["peak_rss_mb"] = _rss_peak_mb()
         print("RESULT " + json.dumps(out))
         return
-    lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
+    lines = [(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")]
 
     def emit(text=""):
         print(text, flush=True)

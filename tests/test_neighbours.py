@@ -91,9 +91,9 @@ def test_device_count_independent_of_list_order():
     x = tie_data(3)
     n = len(x)
     nb = neighbours.first_neighbours(x, chunk_size=200, candidates=4)
-    v, idx = neighbours._query_pass(jnp.asarray(x), jnp.arange(n, dtype=jnp.int32), jnp.asarray(x),
+    v, _idx = neighbours._query_pass(jnp.asarray(x), jnp.arange(n, dtype=jnp.int32), jnp.asarray(x),
                                     jnp.ones(n, bool), chunk=200, c=4, bf16=False)
-    v2, idx2 = neighbours._pair_pass(jnp.asarray(x), jnp.ones(n, bool),
+    v2, _idx2 = neighbours._pair_pass(jnp.asarray(x), jnp.ones(n, bool),
                                      jnp.asarray(neighbours._chunk_pairs(n, 200, 1)), chunk=200,
                                      c=4, bf16=False)
     np.testing.assert_allclose(np.asarray(v), np.asarray(v2), rtol=0, atol=1e-6)

@@ -6,9 +6,9 @@ scaling unless --full / --cluster_sizes runs it."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
