@@ -158,17 +158,19 @@ class _State:
         if len(xs) == 0:
             return
         self.refreshes += len(xs)
-        live = np.flatnonzero(self.alive)
+        slots = np.arange(len(self.alive))
         for s in range(0, len(xs), 64):
             block = xs[s:s + 64]
-            sim = np.clip(self.unit[block] @ self.unit[live].T, -1.0, 1.0)  # [b, live]
-            sim[live[None, :] == block[:, None]] = -np.inf
-            a = np.argmax(sim, axis=1)  # lowest index on ties (live is ascending)
-            self.best[block] = live[a]
+            # every slot, read in place (a gather of the live rows would copy m x d per call)
+            sim = np.clip(self.unit[block] @ self.unit.T, -1.0, 1.0)  # [b, m]
+            sim[:, ~self.alive] = -np.inf
+            sim[np.arange(len(block)), block] = -np.inf
+            a = np.argmax(sim, axis=1)  # lowest index on ties
+            self.best[block] = a
             self.bsim[block] = sim[np.arange(len(block)), a]
             for row, x in zip(sim, block):
                 ok = row > -np.inf
-                self._set_list(int(x), live[ok], row[ok], -np.inf, now)
+                self._set_list(int(x), slots[ok], row[ok], -np.inf, now)
 
     def _valid_entries(self, x: int) -> tuple[np.ndarray, np.ndarray]:
         idx, sim = self.lidx[x], self.lsim[x]
