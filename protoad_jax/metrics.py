@@ -113,21 +113,28 @@ def _counts(y: np.ndarray, srt: _Sorted):
     return (srt.last + 1) - tps, tps
 
 
-def _roc_curve(y: np.ndarray, srt: _Sorted) -> Curve | None:
+def _both_classes(y: np.ndarray) -> tuple[int, int] | None:
+    """``(positives, negatives)``, or None when either class is absent (ROC undefined)."""
     num_pos = int(np.count_nonzero(y))
     num_neg = y.size - num_pos
-    if num_pos == 0 or num_neg == 0:
+    return None if num_pos == 0 or num_neg == 0 else (num_pos, num_neg)
+
+
+def _roc_curve(y: np.ndarray, srt: _Sorted) -> Curve | None:
+    classes = _both_classes(y)
+    if classes is None:
         return None
+    num_pos, num_neg = classes
     fps, tps = _counts(y, srt)
     return Curve(np.concatenate([[0.0], fps / num_neg]), np.concatenate([[0.0], tps / num_pos]),
                  np.concatenate([[np.inf], srt.thresholds.astype(np.float64)]))
 
 
 def _auroc(y: np.ndarray, srt: _Sorted) -> float | None:
-    num_pos = int(np.count_nonzero(y))
-    num_neg = y.size - num_pos
-    if num_pos == 0 or num_neg == 0:
+    classes = _both_classes(y)
+    if classes is None:
         return None
+    num_pos, num_neg = classes
     fps, tps = _counts(y, srt)
     # Trapezoid rule on the ROC staircase in integers, one rounding at the end: each step adds
     # dfp * (tp_prev + tp) / 2 in units of 1 / (P * N); ties give the diagonal (the 1/2 credit).
