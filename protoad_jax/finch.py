@@ -40,7 +40,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 from jax.sharding import Mesh
 
-from protoad_jax import merging
+from protoad_jax import memory, merging
 from protoad_jax.neighbours import cosine64, first_neighbours, unit64
 
 _SUM_ROWS = 16384  # rows per block of the float64 cluster sums
@@ -155,19 +155,6 @@ def _sums(x: np.ndarray, labels: np.ndarray, c: int) -> np.ndarray:
     return out
 
 
-def _check_memory(need: int, what: str, hint: str) -> None:
-    """Refuses, before the work, a step whose estimated host memory exceeds what is available."""
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f
-                         if line.startswith("MemAvailable"))
-    except (OSError, StopIteration, ValueError):
-        return
-    if need > avail:
-        raise MemoryError(f"finch: {what} needs about {need / 2**30:.1f} GiB of memory but "
-                          f"{avail / 2**30:.1f} GiB are available; {hint}")
-
-
 # ----------------------------------------------------------------------------- public
 
 
@@ -205,8 +192,11 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
         raise ValueError(
             f"finch: num_clusters must be an integer in [1, n={n}], got {num_clusters!r}")
     itemsize = xh.dtype.itemsize if xh.dtype in (np.float16, np.float32) else 4
-    _check_memory(n * d * itemsize + n * 64 * 8, f"the first-neighbour search over {n} samples",
-                  "subsample the patches (Config.max_patches)")
+    chunk = min(int(chunk_size), n)
+    memory.check(f"finch: the first-neighbour search over {n} samples",
+                 "subsample the patches (Config.max_patches)",
+                 host=n * d * itemsize + n * 64 * 8,
+                 device=n * d * itemsize + n * 256 + 8 * chunk * (chunk + d) * 4)
     kw = {"chunk_size": chunk_size, "precision": precision, "mesh": mesh}
 
     def counters(nb):
@@ -257,9 +247,10 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
                 base_labels, base_counts = np.arange(n, dtype=np.int32), np.ones(n)
                 base_sums = np.asarray(xh, np.float64)
             m = len(base_counts)
-            _check_memory(3 * m * d * 8 + m * 200,
-                          f"merging {m} clusters down to {k}",
-                          "ask for a K closer to a FINCH level or subsample the patches")
+            memory.check(f"finch: merging {m} clusters down to {k}",
+                         "ask for a K closer to a FINCH level or subsample the patches "
+                         "(Config.max_patches)",
+                         host=merging.host_bytes(m, d), device=m * d * 4 + m * 512)
             merge_stats: dict = {}
             merged_labels = merging.merge_closest(base_sums, base_counts, k, stats=merge_stats,
                                                   **kw)

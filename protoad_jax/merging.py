@@ -21,10 +21,23 @@ candidate pass (``neighbours.candidate_lists``); afterwards:
   any ``q`` in neither list (and older than both lists) has a cosine at most
   ``(a t_i + b t_j) / |s_i + s_j|``. The new list is built from both lists plus the clusters
   created since the older list, its best partner is certified when it beats that bound;
-  otherwise one exact pass over all live clusters settles it (a "refresh").
+  otherwise one pass over all live clusters settles it (a "refresh").
 * Clusters whose partner was ``i`` or ``j`` look again: their list entries that are still alive
   and unchanged, plus the clusters created since their list, certified against their ``t``, or
   refreshed.
+
+Screen. Clusters created since a list, and a refresh's pass over all clusters, are first bounded
+without touching the ``d``-dimensional vectors: ``P`` holds ``p`` orthonormal directions (the
+principal axes of the unit vectors, ``p = 64``), and for unit vectors ``x, y``
+``cos(x, y) = 1 - |x - y|^2 / 2 <= 1 - |P^T (x - y)|^2 / 2``. The projections are kept in float32
+(``p`` values a cluster, in a slot array and in creation order, so the clusters created since a
+step are one contiguous slice); only candidates whose bound reaches the cut get an exact cosine.
+The bound used is ``1 + 1e-9 - max(0, D2 - 3e-5) / (2 g)`` with ``D2`` the float32 squared
+distance of the projections and ``g = 1 + p max|P^T P - I|`` (``>= ||P||^2``): rounding the
+projections to float32 moves ``D`` by at most ``2^-23`` and the float32 expansion
+``|a|^2 + |b|^2 - 2 a.b`` errs by at most ``2 (p + 2) 2^-24 (|a| + |b|)^2 < 2e-5`` for ``p = 64``,
+and the float64 cosine of computed unit vectors exceeds ``1 - |x - y|^2 / 2`` by less than
+``1e-12``.
 
 Every cosine that decides anything is a float64 dot product of float64 unit vectors (clipped to
 ``[-1, 1]``), as in ``neighbours``.
@@ -38,14 +51,27 @@ from jax.sharding import Mesh
 from protoad_jax.neighbours import candidate_lists
 
 LIST_LENGTH = 32
+SCREEN_DIMS = 64
+_D2_SLACK = 3e-5  # float32 error of a squared projected distance, p <= 64 (module docstring)
+_COS_SLACK = 1e-9  # float64 cosine vs 1 - |x - y|^2 / 2, with room to spare
+_PCA_ROWS = 8192  # rows the screen's principal axes are estimated from
+_REFRESH_BLOCK = 64
 
 
 class MergeStats(dict):
-    """Counters of one merge run: ``merges``, ``refreshes`` (exact passes over all clusters)."""
+    """Counters of one merge run: ``merges``, ``refreshes`` (passes over all clusters)."""
+
+
+def host_bytes(m: int, d: int) -> int:
+    """Host memory ``merge_closest`` holds for ``m`` clusters in ``d`` dimensions, estimated:
+    the float64 sums and unit vectors, the initial candidate pass's float64 and float32 copies,
+    the lists and the screen's projections (the caller's own ``sums`` not counted)."""
+    return m * d * (3 * 8 + 4) + m * 2000
 
 
 def merge_closest(sums: np.ndarray, counts: np.ndarray, k: int, *, list_length: int = LIST_LENGTH,
-                  chunk_size: int = 1024, precision: str = "float32", mesh: Mesh | None = None,
+                  screen_dims: int = SCREEN_DIMS, chunk_size: int = 1024,
+                  precision: str = "float32", mesh: Mesh | None = None,
                   stats: dict | None = None) -> np.ndarray:
     """Merges the closest pair of clusters (cosine of their means) until ``k`` remain.
 
@@ -54,15 +80,18 @@ def merge_closest(sums: np.ndarray, counts: np.ndarray, k: int, *, list_length: 
       counts: ``[m]`` member counts (> 0).
       k: clusters to keep, ``1 <= k <= m``.
       list_length: candidate-list length ``L``.
+      screen_dims: ``p``, dimensions of the projection that bounds cosines before exact ones
+        (1 to 64; any value gives the same merges, only the speed changes).
       chunk_size, precision, mesh: the initial candidate pass (``neighbours.candidate_lists``).
-      stats: if given, filled with ``merges`` and ``refreshes``.
+      stats: if given, filled with ``merges``, ``refreshes`` and ``exact`` (exact cosines
+        computed after the initial pass).
 
     Returns:
       ``[m]`` int32 label in ``[0, k)`` of each input cluster; labels numbered in order of the
       lowest input cluster of each merged group.
 
     Raises:
-      ValueError: bad ``k``, shapes, or a zero sum (no direction).
+      ValueError: bad ``k``, shapes, ``screen_dims``, or a zero sum (no direction).
     """
     sums = np.array(sums, np.float64)  # a copy: merged in place
     m = sums.shape[0]
@@ -71,22 +100,25 @@ def merge_closest(sums: np.ndarray, counts: np.ndarray, k: int, *, list_length: 
         raise ValueError(f"merge_closest: counts must be [{m}], got {counts.shape}")
     if not 1 <= int(k) <= m:
         raise ValueError(f"merge_closest: k must be in [1, {m}], got {k}")
+    if not 1 <= int(screen_dims) <= SCREEN_DIMS:
+        raise ValueError(f"merge_closest: screen_dims must be in [1, {SCREEN_DIMS}], "
+                         f"got {screen_dims}")
     k = int(k)
     owner = np.arange(m)
-    merges = refreshes = 0
+    counters = {"merges": 0, "refreshes": 0, "exact": 0}
     if k < m:
         norms = np.sqrt(np.einsum("nd,nd->n", sums, sums))
         if not (norms > 0).all():
             raise ValueError("merge_closest: a cluster mean is zero (no direction for the cosine)")
-        state = _State(sums, norms, list_length, chunk_size, precision, mesh)
+        state = _State(sums, norms, m - k, list_length, int(screen_dims), chunk_size, precision,
+                       mesh)
         for step in range(1, m - k + 1):
             i, j = state.closest_pair()
             owner[j] = i
             state.merge(i, j, step)
-            merges += 1
-        refreshes = state.refreshes
+        counters.update(merges=m - k, refreshes=state.refreshes, exact=state.exact)
     if stats is not None:
-        stats.update(merges=merges, refreshes=refreshes)
+        stats.update(counters)
     while True:  # follow merge chains to the surviving slot
         nxt = owner[owner]
         if np.array_equal(nxt, owner):
@@ -97,35 +129,65 @@ def merge_closest(sums: np.ndarray, counts: np.ndarray, k: int, *, list_length: 
     return rank[owner].astype(np.int32)
 
 
+class _Screen:
+    """Float32 projections on ``p`` orthonormal axes: upper bounds on cosines (module docstring)."""
+
+    def __init__(self, unit: np.ndarray, dims: int):
+        m, d = unit.shape
+        if d <= dims:
+            basis = np.eye(d)
+        else:
+            rows = unit[np.linspace(0, m - 1, min(m, _PCA_ROWS)).astype(np.int64)]
+            centred = rows - rows.mean(axis=0)
+            _, vectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+            basis = np.ascontiguousarray(vectors[:, ::-1][:, :dims])
+        err = np.abs(basis.T @ basis - np.eye(basis.shape[1])).max()
+        self.basis = basis
+        self.half_gain = 0.5 / (1.0 + basis.shape[1] * err)
+
+    def project(self, unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Float32 projections and their float64 squared norms."""
+        proj = (unit @ self.basis).astype(np.float32)
+        return proj, np.einsum("...p,...p->...", proj.astype(np.float64), proj.astype(np.float64))
+
+    def upper(self, proj: np.ndarray, sq: np.ndarray, q: np.ndarray, q_sq) -> np.ndarray:
+        """Bounds on the cosines between the rows ``proj`` (squared norms ``sq``) and ``q``
+        (``[p]``, or ``[p, b]`` for ``b`` queries: bounds ``[n, b]``)."""
+        d2 = (sq[:, None] if q.ndim == 2 else sq) + q_sq - 2.0 * (proj @ q).astype(np.float64)
+        return 1.0 + _COS_SLACK - np.maximum(d2 - _D2_SLACK, 0.0) * self.half_gain
+
+
 class _State:
     """The live clusters, their partners and candidate lists (see the module docstring)."""
 
-    def __init__(self, sums, norms, list_length, chunk_size, precision, mesh):
+    def __init__(self, sums, norms, merges, list_length, dims, chunk_size, precision, mesh):
         m = len(sums)
         self.sums, self.norms = sums, norms
         self.unit = sums / norms[:, None]
         self.alive = np.ones(m, bool)
         self.ctime = np.zeros(m, np.int64)  # step at which the slot's cluster was made
         self.tau = np.zeros(m, np.int64)  # step at which the slot's list was made
-        self.log = np.full(m, -1, np.int64)  # log[step] = slot of the cluster made at that step
-        self.where = np.full(m, -1, np.int64)  # scratch: position of a slot in an array
+        self.log = np.full(merges + 1, -1, np.int64)  # log[step] = slot of the cluster made then
+        self.screen = _Screen(self.unit, dims)
+        self.proj, self.sq = self.screen.project(self.unit)  # by slot
+        self.proj_log = np.zeros((merges + 1, self.proj.shape[1]), np.float32)  # by step
+        self.sq_log = np.zeros(merges + 1)
         idx, sim, self.t = candidate_lists(self.unit, list_length, chunk_size=chunk_size,
                                            precision=precision, mesh=mesh)
         self.lidx, self.lsim = idx, sim
-        self.rev: dict[int, set[int]] = {}  # q -> clusters whose list held q (checked on use)
-        for r in range(m):
-            self._index_list(r)
+        self.cap = 4 * list_length  # exact cosines per screened batch, at most
         self.best = np.full(m, -1, np.int64)
         self.bsim = np.full(m, -np.inf)
-        self.refreshes = 0
+        self.refreshes = self.exact = 0
         certified = sim[:, 0] > self.t
         self.best[certified] = self._lowest_top(idx[certified], sim[certified])
         self.bsim[certified] = sim[certified, 0]
         self._refresh(np.flatnonzero(~certified), 0)
 
-    # -- exact float64 pieces and lists
+    # -- exact float64 pieces, bounds and lists
 
     def _cos(self, rows: np.ndarray, x: int) -> np.ndarray:
+        self.exact += len(rows)
         return np.clip(self.unit[rows] @ self.unit[x], -1.0, 1.0)
 
     @staticmethod
@@ -134,11 +196,14 @@ class _State:
         top = sim.max(axis=1, keepdims=True)
         return np.where(sim == top, idx, np.iinfo(np.int64).max).min(axis=1)
 
-    def _index_list(self, r: int) -> None:
-        for q in self.lidx[r]:
-            if q < 0:
-                break
-            self.rev.setdefault(int(q), set()).add(r)
+    def _recent(self, x: int, since: int, until: int) -> tuple[np.ndarray, np.ndarray]:
+        """Live clusters made at steps ``since < step < until`` (``x`` excluded) and the screen's
+        bounds on their cosines to ``x``: one contiguous slice of the creation-order arrays."""
+        steps = slice(since + 1, until)
+        slots = self.log[steps]
+        ok = self.alive[slots] & (self.ctime[slots] == np.arange(since + 1, until)) & (slots != x)
+        ub = self.screen.upper(self.proj_log[steps], self.sq_log[steps], self.proj[x], self.sq[x])
+        return slots[ok], ub[ok]
 
     def _set_list(self, r: int, idx: np.ndarray, sim: np.ndarray, t: float, now: int) -> None:
         """List of ``r``: the top ``L`` of candidates with exact cosines; ``t`` bounds the rest."""
@@ -151,26 +216,32 @@ class _State:
         self.lsim[r, :len(keep)] = sim[keep]
         self.t[r] = max(t, sim[order[length]]) if len(order) > length else t
         self.tau[r] = now
-        self._index_list(r)
 
     def _refresh(self, xs: np.ndarray, now: int) -> None:
-        """Exact pass over every live cluster for the clusters ``xs``: partner and list."""
-        if len(xs) == 0:
-            return
+        """One screened pass over every live cluster for each of ``xs``: partner and list."""
         self.refreshes += len(xs)
-        slots = np.arange(len(self.alive))
-        for s in range(0, len(xs), 64):
-            block = xs[s:s + 64]
-            # every slot, read in place (a gather of the live rows would copy m x d per call)
-            sim = np.clip(self.unit[block] @ self.unit.T, -1.0, 1.0)  # [b, m]
-            sim[:, ~self.alive] = -np.inf
-            sim[np.arange(len(block)), block] = -np.inf
-            a = np.argmax(sim, axis=1)  # lowest index on ties
-            self.best[block] = a
-            self.bsim[block] = sim[np.arange(len(block)), a]
-            for row, x in zip(sim, block):
-                ok = row > -np.inf
-                self._set_list(int(x), slots[ok], row[ok], -np.inf, now)
+        dead = ~self.alive
+        for s in range(0, len(xs), _REFRESH_BLOCK):
+            block = xs[s:s + _REFRESH_BLOCK]
+            ub = self.screen.upper(self.proj, self.sq, self.proj[block].T, self.sq[block]).T
+            ub[:, dead] = -np.inf
+            ub[np.arange(len(block)), block] = -np.inf
+            for row, x in zip(ub, block):
+                x = int(x)
+                live = np.flatnonzero(row > -np.inf)
+                bound = row[live]
+                idx, sim, left = self._best_from(x, live[:0], bound[:0], live, bound, -np.inf)
+                if len(sim) and not sim.max() > left:  # more near ties than the cap
+                    more = (bound >= sim.max()) & ~np.isin(live, idx)
+                    idx = np.concatenate([idx, live[more]])
+                    sim = np.concatenate([sim, self._cos(live[more], x)])
+                    left = float(bound[~np.isin(live, idx)].max(initial=-np.inf))
+                self._set_list(x, idx, sim, left, now)
+                if len(sim):
+                    self.best[x] = self._lowest_top(idx[None, :], sim[None, :])[0]
+                    self.bsim[x] = sim.max()
+                else:  # the last cluster
+                    self.best[x], self.bsim[x] = -1, -np.inf
 
     def _valid_entries(self, x: int) -> tuple[np.ndarray, np.ndarray]:
         idx, sim = self.lidx[x], self.lsim[x]
@@ -178,42 +249,23 @@ class _State:
         ok[ok] = self.alive[idx[ok]] & (self.ctime[idx[ok]] <= self.tau[x]) & (idx[ok] != x)
         return idx[ok], sim[ok]
 
-    def _recent(self, since: int, now: int) -> np.ndarray:
-        """Live clusters made after step ``since`` (up to ``now``, exclusive)."""
-        steps = np.arange(since + 1, now)
-        slots = self.log[since + 1:now]
-        ok = self.alive[slots] & (self.ctime[slots] == steps)
-        return slots[ok]
-
-    def _listed_bound(self, rs: np.ndarray, y: int, y_ctime: int) -> np.ndarray:
-        """Upper bounds on ``cos(y, r)`` for clusters ``rs`` whose lists were made after ``y``
-        existed: the exact cosine where ``r``'s list holds ``y``, else ``r``'s threshold."""
-        ub = self.t[rs].copy()
-        holders = self.rev.get(y)
-        if holders and len(rs):
-            self.where[rs] = np.arange(len(rs))
-            for r in holders:
-                k = self.where[r]
-                if k < 0 or y_ctime > self.tau[r]:
-                    continue
-                hit = np.flatnonzero(self.lidx[r] == y)
-                if len(hit):
-                    ub[k] = self.lsim[r, hit[0]]
-            self.where[rs] = -1
-        return ub
-
     def _best_from(self, x: int, idx: np.ndarray, sim: np.ndarray, rs: np.ndarray,
                    ub: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray, float]:
         """Adds the clusters ``rs`` (upper bounds ``ub``) to the candidates of ``x``: exact
-        cosines for those that could reach the top ``L`` (or beat ``floor``). Returns the
-        candidates and the largest bound left uncomputed."""
+        cosines for those that could reach the top ``L`` (or beat ``floor``), at most
+        ``4 L`` of them, highest bounds first. Returns the candidates and the largest bound
+        left uncomputed."""
         length = self.lidx.shape[1]
-        cut = max(floor, np.sort(sim)[-length] if len(sim) >= length else -np.inf)
-        need = ub >= cut
-        if need.any():
+        cut = max(floor, np.partition(sim, -length)[-length] if len(sim) >= length else -np.inf)
+        need = np.flatnonzero(ub >= cut)
+        if len(need) > self.cap:
+            need = need[np.argpartition(-ub[need], self.cap - 1)[:self.cap]]
+        rest = np.ones(len(ub), bool)
+        rest[need] = False
+        if len(need):
             idx = np.concatenate([idx, rs[need]])
             sim = np.concatenate([sim, self._cos(rs[need], x)])
-        return idx, sim, float(ub[~need].max()) if (~need).any() else -np.inf
+        return idx, sim, float(ub[rest].max(initial=-np.inf))
 
     # -- the algorithm
 
@@ -235,14 +287,9 @@ class _State:
 
     def merge(self, i: int, j: int, now: int) -> None:
         a, b = self.norms[i], self.norms[j]
-        ti, tj, taui, tauj = self.t[i], self.t[j], self.tau[i], self.tau[j]
-        ci, cj = self.ctime[i], self.ctime[j]
+        ti, tj = self.t[i], self.t[j]
+        since = min(self.tau[i], self.tau[j])
         old_i, old_j = self._valid_entries(i), self._valid_entries(j)
-        recent = self._recent(min(taui, tauj), now)
-        recent = recent[(recent != i) & (recent != j)]
-        # cos(i, r), cos(j, r) bounds for the recent clusters, before slot i changes
-        bi = np.where(self.ctime[recent] <= taui, ti, self._listed_bound(recent, i, ci))
-        bj = np.where(self.ctime[recent] <= tauj, tj, self._listed_bound(recent, j, cj))
         # the merged cluster, in slot i
         self.sums[i] += self.sums[j]
         self.norms[i] = np.sqrt(self.sums[i] @ self.sums[i])
@@ -250,6 +297,8 @@ class _State:
             raise ValueError("merge_closest: a merged cluster mean is zero (no direction)")
         n_new = self.norms[i]
         self.unit[i] = self.sums[i] / n_new
+        self.proj[i], self.sq[i] = self.screen.project(self.unit[i])
+        self.proj_log[now], self.sq_log[now] = self.proj[i], self.sq[i]
         self.alive[j] = False
         self.bsim[j] = -np.inf
         self.ctime[i] = now
@@ -259,20 +308,17 @@ class _State:
 
         cand = np.union1d(old_i[0], old_j[0])
         cand = cand[self.alive[cand] & (cand != i)]
-        in_lists = np.isin(recent, cand)
+        recent, ub = self._recent(i, since, now)
+        fresh = ~np.isin(recent, cand)
         old_bound = -np.inf if (ti == -np.inf or tj == -np.inf) else (a * ti + b * tj) / n_new
-        ub = np.where((bi == -np.inf) | (bj == -np.inf), -np.inf, (a * bi + b * bj) / n_new)
-        idx, sim, left = self._best_from(i, cand, self._cos(cand, i), recent[~in_lists],
-                                         ub[~in_lists], old_bound)
-        t_new = max(old_bound, left)
-        self._set_list(i, idx, sim, t_new, now)
+        idx, sim, left = self._best_from(i, cand, self._cos(cand, i), recent[fresh], ub[fresh],
+                                         old_bound)
+        self._set_list(i, idx, sim, max(old_bound, left), now)
         refresh = [] if self._certify(i, idx, sim, self.t[i]) else [i]
 
         for x in stale:
             idx, s = self._valid_entries(x)
-            rs = self._recent(self.tau[x], now + 1)
-            rs = rs[rs != x]
-            ub = self._listed_bound(rs, x, self.ctime[x])
+            rs, ub = self._recent(x, self.tau[x], now + 1)
             best = s.max() if len(s) else -np.inf
             idx, s, left = self._best_from(x, idx, s, rs, ub, max(best, self.t[x]))
             if not self._certify(x, idx, s, max(self.t[x], left)):

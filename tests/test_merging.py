@@ -1,5 +1,6 @@
 """Closest-pair merging against a brute force that recomputes every mean and every cosine per
-merge, including exact ties (duplicate means) and short candidate lists (forcing refreshes)."""
+merge, including exact ties (duplicate means), short candidate lists (forcing refreshes) and a
+low-dimensional screen (its bounds decide which cosines are computed at all)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,33 @@ def test_equals_brute_force(list_length, ties):
         assert got.dtype == np.int32 and len(np.unique(got)) == k
 
 
+@pytest.mark.parametrize("screen_dims", [1, 3, 16])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("spread", [0.3, 0.003])
+def test_screen_equals_brute_force(screen_dims, ties, spread):
+    # 40-d means around 12 directions (real structure: the screen rules most pairs out; with the
+    # small spread, neighbours' cosines differ by ~1e-6, so a bound off by that much shows), with
+    # near-duplicates 1e-9 apart and, with ties, exact duplicates
+    rng = np.random.default_rng(screen_dims + 100 * ties)
+    m, d = 240, 40
+    centres = rng.normal(size=(12, d))
+    means = centres[rng.integers(0, 12, m)] + spread * rng.normal(size=(m, d))
+    means[60:64] = means[59] + 1e-9 * rng.normal(size=(4, d))
+    if ties:
+        means[100:106] = means[7]
+    counts = rng.integers(1, 4, m).astype(np.float64)
+    sums = means * counts[:, None]
+    for k in (1, 17, 150):
+        stats = {}
+        got = merge_closest(sums, counts, k, list_length=4, screen_dims=screen_dims,
+                            chunk_size=64, stats=stats)
+        want = brute_force(sums, k)
+        print(f"p={screen_dims} ties={ties} spread={spread} K={k}: {stats}, mismatches {(got != want).sum()}")
+        np.testing.assert_array_equal(got, want)
+    # the screen must have ruled pairs out: fewer exact cosines than a pass per refresh
+    assert stats["exact"] < stats["refreshes"] * m
+
+
 def test_bad_input():
     sums = np.ones((5, 3))
     with pytest.raises(ValueError, match="k must be"):
@@ -58,3 +86,5 @@ def test_bad_input():
     z[2] = 0
     with pytest.raises(ValueError, match="zero"):
         merge_closest(z, np.ones(5), 2)
+    with pytest.raises(ValueError, match="screen_dims"):
+        merge_closest(sums, np.ones(5), 2, screen_dims=0)
