@@ -130,7 +130,10 @@ def merge_closest(sums: np.ndarray, counts: np.ndarray, k: int, *, list_length: 
 
 
 class _Screen:
-    """Float32 projections on ``p`` orthonormal axes: upper bounds on cosines (module docstring)."""
+    """Float32 projections on ``p`` orthonormal axes: upper bounds on cosines (module docstring).
+
+    Work is done on squared distances ``D2`` (float32; dead rows have squared norm ``inf``, so
+    their ``D2`` is ``inf`` and their bound ``-inf``); bounds are made for the few rows kept."""
 
     def __init__(self, unit: np.ndarray, dims: int):
         m, d = unit.shape
@@ -146,15 +149,34 @@ class _Screen:
         self.half_gain = 0.5 / (1.0 + basis.shape[1] * err)
 
     def project(self, unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Float32 projections and their float64 squared norms."""
+        """Float32 projections and their squared norms (float32)."""
         proj = (unit @ self.basis).astype(np.float32)
-        return proj, np.einsum("...p,...p->...", proj.astype(np.float64), proj.astype(np.float64))
+        sq = np.einsum("...p,...p->...", proj.astype(np.float64), proj.astype(np.float64))
+        return proj, np.asarray(sq, np.float32)
 
-    def upper(self, proj: np.ndarray, sq: np.ndarray, q: np.ndarray, q_sq) -> np.ndarray:
-        """Bounds on the cosines between the rows ``proj`` (squared norms ``sq``) and ``q``
-        (``[p]``, or ``[p, b]`` for ``b`` queries: bounds ``[n, b]``)."""
-        d2 = (sq[:, None] if q.ndim == 2 else sq) + q_sq - 2.0 * (proj @ q).astype(np.float64)
-        return 1.0 + _COS_SLACK - np.maximum(d2 - _D2_SLACK, 0.0) * self.half_gain
+    @staticmethod
+    def d2(proj: np.ndarray, sq: np.ndarray, q: np.ndarray, q_sq) -> np.ndarray:
+        """Float32 squared distances of the rows ``proj`` to ``q`` (``[p]``; or ``[b, p]`` for
+        ``b`` queries, giving ``[b, n]``)."""
+        out = q @ proj.T
+        out *= -2.0
+        out += sq
+        out += q_sq[:, None] if q.ndim == 2 else q_sq
+        return out
+
+    def bound(self, d2) -> np.ndarray:
+        """Upper bounds on the float64 cosines of rows at squared distances ``d2``."""
+        return 1.0 + _COS_SLACK - np.maximum(np.asarray(d2, np.float64) - _D2_SLACK,
+                                             0.0) * self.half_gain
+
+    def limit(self, cut: float) -> np.float32:
+        """The largest float32 ``D2`` whose bound can reach ``cut`` (rounded up; finite, so rows
+        at ``inf`` never pass)."""
+        if cut == -np.inf:
+            return np.finfo(np.float32).max
+        lim = max((1.0 + _COS_SLACK - cut) / self.half_gain + _D2_SLACK, -1.0)
+        out = np.float32(lim)
+        return out if out >= lim else np.nextafter(out, np.float32(np.inf))
 
 
 class _State:
@@ -168,10 +190,11 @@ class _State:
         self.ctime = np.zeros(m, np.int64)  # step at which the slot's cluster was made
         self.tau = np.zeros(m, np.int64)  # step at which the slot's list was made
         self.log = np.full(merges + 1, -1, np.int64)  # log[step] = slot of the cluster made then
+        self.mark = np.zeros(m, bool)  # scratch
         self.screen = _Screen(self.unit, dims)
         self.proj, self.sq = self.screen.project(self.unit)  # by slot
         self.proj_log = np.zeros((merges + 1, self.proj.shape[1]), np.float32)  # by step
-        self.sq_log = np.zeros(merges + 1)
+        self.sq_log = np.full(merges + 1, np.inf, np.float32)  # inf: not made yet, or dead
         idx, sim, self.t = candidate_lists(self.unit, list_length, chunk_size=chunk_size,
                                            precision=precision, mesh=mesh)
         self.lidx, self.lsim = idx, sim
@@ -196,14 +219,24 @@ class _State:
         top = sim.max(axis=1, keepdims=True)
         return np.where(sim == top, idx, np.iinfo(np.int64).max).min(axis=1)
 
-    def _recent(self, x: int, since: int, until: int) -> tuple[np.ndarray, np.ndarray]:
-        """Live clusters made at steps ``since < step < until`` (``x`` excluded) and the screen's
-        bounds on their cosines to ``x``: one contiguous slice of the creation-order arrays."""
+    def _screened(self, slots: np.ndarray, d2: np.ndarray, cut: float
+                  ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Rows whose bound reaches ``cut``: their slots and bounds, and the largest bound of the
+        rest (``d2`` is overwritten)."""
+        keep = np.flatnonzero(d2 <= self.screen.limit(cut))
+        ub = self.screen.bound(d2[keep])
+        d2[keep] = np.inf
+        return slots[keep], ub, float(self.screen.bound(d2.min(initial=np.inf)))
+
+    def _recent(self, x: int, since: int, until: int, cut: float
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Live clusters made at steps ``since < step < until`` that the screen cannot rule out
+        for ``x`` (bound ``>= cut``), their bounds, and the largest bound of the others: one
+        contiguous slice of the creation-order arrays (``x`` itself was made before ``since``
+        or is not in the slice)."""
         steps = slice(since + 1, until)
-        slots = self.log[steps]
-        ok = self.alive[slots] & (self.ctime[slots] == np.arange(since + 1, until)) & (slots != x)
-        ub = self.screen.upper(self.proj_log[steps], self.sq_log[steps], self.proj[x], self.sq[x])
-        return slots[ok], ub[ok]
+        d2 = self.screen.d2(self.proj_log[steps], self.sq_log[steps], self.proj[x], self.sq[x])
+        return self._screened(self.log[steps], d2, cut)
 
     def _set_list(self, r: int, idx: np.ndarray, sim: np.ndarray, t: float, now: int) -> None:
         """List of ``r``: the top ``L`` of candidates with exact cosines; ``t`` bounds the rest."""
@@ -220,22 +253,22 @@ class _State:
     def _refresh(self, xs: np.ndarray, now: int) -> None:
         """One screened pass over every live cluster for each of ``xs``: partner and list."""
         self.refreshes += len(xs)
-        dead = ~self.alive
+        slots = np.arange(len(self.alive))
         for s in range(0, len(xs), _REFRESH_BLOCK):
             block = xs[s:s + _REFRESH_BLOCK]
-            ub = self.screen.upper(self.proj, self.sq, self.proj[block].T, self.sq[block]).T
-            ub[:, dead] = -np.inf
-            ub[np.arange(len(block)), block] = -np.inf
-            for row, x in zip(ub, block):
+            d2s = self.screen.d2(self.proj, self.sq, self.proj[block], self.sq[block])
+            for d2, x in zip(d2s, block):
                 x = int(x)
-                live = np.flatnonzero(row > -np.inf)
-                bound = row[live]
-                idx, sim, left = self._best_from(x, live[:0], bound[:0], live, bound, -np.inf)
+                d2[x] = np.inf
+                top = np.argpartition(d2, self.cap)[:self.cap] if len(d2) > self.cap else slots
+                top = top[d2[top] < np.inf]
+                sim = self._cos(top, x)
+                d2[top] = np.inf
+                idx, left = top, float(self.screen.bound(d2.min(initial=np.inf)))
                 if len(sim) and not sim.max() > left:  # more near ties than the cap
-                    more = (bound >= sim.max()) & ~np.isin(live, idx)
-                    idx = np.concatenate([idx, live[more]])
-                    sim = np.concatenate([sim, self._cos(live[more], x)])
-                    left = float(bound[~np.isin(live, idx)].max(initial=-np.inf))
+                    more, _, left = self._screened(slots, d2, sim.max())
+                    idx = np.concatenate([idx, more])
+                    sim = np.concatenate([sim, self._cos(more, x)])
                 self._set_list(x, idx, sim, left, now)
                 if len(sim):
                     self.best[x] = self._lowest_top(idx[None, :], sim[None, :])[0]
@@ -249,23 +282,28 @@ class _State:
         ok[ok] = self.alive[idx[ok]] & (self.ctime[idx[ok]] <= self.tau[x]) & (idx[ok] != x)
         return idx[ok], sim[ok]
 
-    def _best_from(self, x: int, idx: np.ndarray, sim: np.ndarray, rs: np.ndarray,
-                   ub: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray, float]:
-        """Adds the clusters ``rs`` (upper bounds ``ub``) to the candidates of ``x``: exact
-        cosines for those that could reach the top ``L`` (or beat ``floor``), at most
-        ``4 L`` of them, highest bounds first. Returns the candidates and the largest bound
-        left uncomputed."""
+    def _cut(self, sim: np.ndarray, floor: float) -> float:
+        """Below this a candidate can neither beat ``floor`` nor enter a top-``L`` list of
+        ``sim`` and itself."""
         length = self.lidx.shape[1]
-        cut = max(floor, np.partition(sim, -length)[-length] if len(sim) >= length else -np.inf)
-        need = np.flatnonzero(ub >= cut)
-        if len(need) > self.cap:
-            need = need[np.argpartition(-ub[need], self.cap - 1)[:self.cap]]
-        rest = np.ones(len(ub), bool)
-        rest[need] = False
-        if len(need):
-            idx = np.concatenate([idx, rs[need]])
-            sim = np.concatenate([sim, self._cos(rs[need], x)])
-        return idx, sim, float(ub[rest].max(initial=-np.inf))
+        return max(floor, np.partition(sim, -length)[-length] if len(sim) >= length else -np.inf)
+
+    def _best_from(self, x: int, idx: np.ndarray, sim: np.ndarray, rs: np.ndarray,
+                   ub: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """Adds the screened clusters ``rs`` (bounds ``ub``) to the candidates of ``x``: exact
+        cosines for at most ``4 L`` of them, highest bounds first. Returns the candidates and the
+        largest bound left uncomputed."""
+        if len(rs) > self.cap:
+            top = np.argpartition(-ub, self.cap - 1)[:self.cap]
+            rest = np.ones(len(ub), bool)
+            rest[top] = False
+            rs, left = rs[top], float(ub[rest].max())
+        else:
+            left = -np.inf
+        if len(rs):
+            idx = np.concatenate([idx, rs])
+            sim = np.concatenate([sim, self._cos(rs, x)])
+        return idx, sim, left
 
     # -- the algorithm
 
@@ -290,7 +328,8 @@ class _State:
         ti, tj = self.t[i], self.t[j]
         since = min(self.tau[i], self.tau[j])
         old_i, old_j = self._valid_entries(i), self._valid_entries(j)
-        # the merged cluster, in slot i
+        # the merged cluster, in slot i; the two old ones leave the screen
+        self.sq_log[self.ctime[i]] = self.sq_log[self.ctime[j]] = np.inf
         self.sums[i] += self.sums[j]
         self.norms[i] = np.sqrt(self.sums[i] @ self.sums[i])
         if not self.norms[i] > 0:
@@ -300,6 +339,7 @@ class _State:
         self.proj[i], self.sq[i] = self.screen.project(self.unit[i])
         self.proj_log[now], self.sq_log[now] = self.proj[i], self.sq[i]
         self.alive[j] = False
+        self.sq[j] = np.inf
         self.bsim[j] = -np.inf
         self.ctime[i] = now
         self.log[now] = i
@@ -308,19 +348,21 @@ class _State:
 
         cand = np.union1d(old_i[0], old_j[0])
         cand = cand[self.alive[cand] & (cand != i)]
-        recent, ub = self._recent(i, since, now)
-        fresh = ~np.isin(recent, cand)
+        sim = self._cos(cand, i)
         old_bound = -np.inf if (ti == -np.inf or tj == -np.inf) else (a * ti + b * tj) / n_new
-        idx, sim, left = self._best_from(i, cand, self._cos(cand, i), recent[fresh], ub[fresh],
-                                         old_bound)
-        self._set_list(i, idx, sim, max(old_bound, left), now)
+        recent, ub, left = self._recent(i, since, now, self._cut(sim, old_bound))
+        self.mark[cand] = True
+        fresh = ~self.mark[recent]
+        self.mark[cand] = False
+        idx, sim, more = self._best_from(i, cand, sim, recent[fresh], ub[fresh])
+        self._set_list(i, idx, sim, max(old_bound, left, more), now)
         refresh = [] if self._certify(i, idx, sim, self.t[i]) else [i]
 
         for x in stale:
             idx, s = self._valid_entries(x)
-            rs, ub = self._recent(x, self.tau[x], now + 1)
-            best = s.max() if len(s) else -np.inf
-            idx, s, left = self._best_from(x, idx, s, rs, ub, max(best, self.t[x]))
-            if not self._certify(x, idx, s, max(self.t[x], left)):
+            floor = max(s.max() if len(s) else -np.inf, self.t[x])
+            rs, ub, left = self._recent(x, self.tau[x], now + 1, self._cut(s, floor))
+            idx, s, more = self._best_from(x, idx, s, rs, ub)
+            if not self._certify(x, idx, s, max(self.t[x], left, more)):
                 refresh.append(x)
         self._refresh(np.asarray(refresh, np.int64), now)
