@@ -193,11 +193,14 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
             f"finch: num_clusters must be an integer in [1, n={n}], got {num_clusters!r}")
     itemsize = xh.dtype.itemsize if xh.dtype in (np.float16, np.float32) else 4
     chunk = min(int(chunk_size), n)
-    memory.check(f"finch: the first-neighbour search over {n} samples",
+    # level 0 has at most n / 2 clusters (each holds a sample and its first neighbour): its
+    # float64 sums and float32 means are the largest arrays of the hierarchy
+    memory.check(f"finch: the first-neighbour search over {n} samples and the level-0 sums",
                  "subsample the patches (Config.max_patches)",
-                 host=n * d * itemsize + n * 64 * 8,
+                 host=n * d * itemsize + n * 64 * 8 + (n // 2) * d * 12,
                  device=n * d * itemsize + n * 256 + 8 * chunk * (chunk + d) * 4)
     kw = {"chunk_size": chunk_size, "precision": precision, "mesh": mesh}
+    k = None if num_clusters is None else int(num_clusters)
 
     def counters(nb):
         return {"n": len(nb.index), "reranked": nb.reranked, "fallbacks": nb.fallbacks,
@@ -210,14 +213,19 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
     level_stats = [counters(nb)]
     sums = _sums(xh, labels, c)
     counts = np.bincount(labels, minlength=c).astype(np.float64)
-    partitions, sizes, all_sums, all_counts = [labels], [c], [sums], [counts]
+    partitions, sizes, means = [labels], [c], [(sums / counts[:, None]).astype(np.float32)]
+    # float64 sums kept: the current level's and, for a required K, the coarsest level with at
+    # least K clusters (the start of the merging)
+    kept = {0: (sums, counts)}
     while sizes[-1] >= 2:
-        means = sums / counts[:, None]
-        nb = first_neighbours(means, **kw)
-        lab, c_new = _level(means, nb.index, nb.similarity, min_sim)
+        level_means = sums / counts[:, None]
+        nb = first_neighbours(level_means, **kw)
+        lab, c_new = _level(level_means, nb.index, nb.similarity, min_sim)
         merged = sizes[-1] - c_new
         if c_new == 1 or merged < 1:
             break
+        memory.check(f"finch: level {len(sizes)} ({c_new} clusters)",
+                     "subsample the patches (Config.max_patches)", host=c_new * d * 12)
         level_stats.append(counters(nb))
         sums = _sums(sums, lab, c_new)
         counts = np.bincount(lab, weights=counts, minlength=c_new)
@@ -225,32 +233,33 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
         # its lowest-numbered part.
         partitions.append(lab[partitions[-1]].astype(np.int32))
         sizes.append(c_new)
-        all_sums.append(sums)
-        all_counts.append(counts)
+        means.append((sums / counts[:, None]).astype(np.float32))
+        kept = {lv: v for lv, v in kept.items() if k is not None and sizes[lv] >= k > c_new}
+        kept[len(sizes) - 1] = (sums, counts)
         if merged == 1:
             break
 
     stats = {"levels": level_stats}
     req_labels = req_means = req_level = None
-    if num_clusters is not None:
-        k = int(num_clusters)
+    if k is not None:
         if k in sizes:
             req_level = sizes.index(k)
             req_labels = partitions[req_level]
-            req_means = (all_sums[req_level] / all_counts[req_level][:, None]).astype(np.float32)
+            req_means = means[req_level]
         else:
             req_level = max((lv for lv, c in enumerate(sizes) if c >= k), default=-1)
-            if req_level >= 0:
-                base_labels, base_sums, base_counts = (
-                    partitions[req_level], all_sums[req_level], all_counts[req_level])
-            else:
-                base_labels, base_counts = np.arange(n, dtype=np.int32), np.ones(n)
-                base_sums = np.asarray(xh, np.float64)
-            m = len(base_counts)
+            m = len(kept[req_level][1]) if req_level >= 0 else n
             memory.check(f"finch: merging {m} clusters down to {k}",
                          "ask for a K closer to a FINCH level or subsample the patches "
                          "(Config.max_patches)",
-                         host=merging.host_bytes(m, d), device=m * d * 4 + m * 512)
+                         host=merging.host_bytes(m, d) + (m * d * 8 if req_level < 0 else 0),
+                         device=m * d * 4 + m * 512)
+            if req_level >= 0:
+                base_labels = partitions[req_level]
+                base_sums, base_counts = kept[req_level]
+            else:
+                base_labels, base_counts = np.arange(n, dtype=np.int32), np.ones(n)
+                base_sums = np.asarray(xh, np.float64)
             merge_stats: dict = {}
             merged_labels = merging.merge_closest(base_sums, base_counts, k, stats=merge_stats,
                                                   **kw)
@@ -260,6 +269,5 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
             mcounts = np.bincount(merged_labels, weights=base_counts, minlength=k)
             req_means = (msums / mcounts[:, None]).astype(np.float32)
 
-    means = [(s / c[:, None]).astype(np.float32) for s, c in zip(all_sums, all_counts)]
     return FinchResult(partitions, [int(c) for c in sizes], means, req_labels, req_means,
                        req_level, min_sim, stats)

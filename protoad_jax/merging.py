@@ -30,14 +30,16 @@ Screen. Clusters created since a list, and a refresh's pass over all clusters, a
 without touching the ``d``-dimensional vectors: ``P`` holds ``p`` orthonormal directions (the
 principal axes of the unit vectors, ``p = 64``), and for unit vectors ``x, y``
 ``cos(x, y) = 1 - |x - y|^2 / 2 <= 1 - |P^T (x - y)|^2 / 2``. The projections are kept in float32
-(``p`` values a cluster, in a slot array and in creation order, so the clusters created since a
-step are one contiguous slice); only candidates whose bound reaches the cut get an exact cosine.
-The bound used is ``1 + 1e-9 - max(0, D2 - 3e-5) / (2 g)`` with ``D2`` the float32 squared
-distance of the projections and ``g = 1 + p max|P^T P - I|`` (``>= ||P||^2``): rounding the
-projections to float32 moves ``D`` by at most ``2^-23`` and the float32 expansion
-``|a|^2 + |b|^2 - 2 a.b`` errs by at most ``2 (p + 2) 2^-24 (|a| + |b|)^2 < 2e-5`` for ``p = 64``,
-and the float64 cosine of computed unit vectors exceeds ``1 - |x - y|^2 / 2`` by less than
-``1e-12``.
+(``p`` values a cluster, by slot and in creation order, so the clusters created since a step are
+one contiguous slice; a dead cluster's squared norm is ``inf``), the squared distances ``D2`` are
+computed in float32, and only candidates whose bound reaches the cut get an exact cosine (at most
+``4 L`` per batch, highest bounds first; the largest bound left out joins the list's ``t``). The
+bound is ``1 + 1e-9 - max(0, D2 - 3e-5) / (2 g)`` with ``g = 1 + p max|P^T P - I|``
+(``>= ||P||^2``): rounding the projections to float32 moves ``D`` by at most ``2^-23``, the float32
+expansion ``|a|^2 + |b|^2 - 2 a.b`` errs by at most ``2 (p + 2) 2^-24 (|a| + |b|)^2 < 2e-5`` for
+``p <= 64`` (squared norms rounded to float32 add less than ``1e-7``), and the float64 cosine of
+computed unit vectors exceeds ``1 - |x - y|^2 / 2`` by less than ``1e-12``. The merges do not
+depend on ``p`` or on the screen at all, only the number of exact cosines does.
 
 Every cosine that decides anything is a float64 dot product of float64 unit vectors (clipped to
 ``[-1, 1]``), as in ``neighbours``.
@@ -64,9 +66,10 @@ class MergeStats(dict):
 
 def host_bytes(m: int, d: int) -> int:
     """Host memory ``merge_closest`` holds for ``m`` clusters in ``d`` dimensions, estimated:
-    the float64 sums and unit vectors, the initial candidate pass's float64 and float32 copies,
-    the lists and the screen's projections (the caller's own ``sums`` not counted)."""
-    return m * d * (3 * 8 + 4) + m * 2000
+    the float64 sums and unit vectors, the initial candidate pass's float64 and float32 copies
+    (two of the latter on a CPU device), the lists and the screen's projections (the caller's own
+    ``sums`` not counted)."""
+    return m * d * (3 * 8 + 2 * 4) + m * 2000
 
 
 def merge_closest(sums: np.ndarray, counts: np.ndarray, k: int, *, list_length: int = LIST_LENGTH,

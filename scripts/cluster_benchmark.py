@@ -217,21 +217,23 @@ def main(argv):
     if "merge" in FLAGS.cases:
         emit(f"\nClosest-pair merging down to K={FLAGS.k} (merging.merge_closest; singleton clusters "
              "= real-photo patches):\n")
-        emit("| start clusters | seconds | refreshes | peak RSS MB | run or projected |")
-        emit("|---|---|---|---|---|")
+        emit("| start clusters | seconds | refreshes | exact cosines | peak RSS MB | run or projected |")
+        emit("|---|---|---|---|---|---|")
         last = None
         for m in sorted(map(int, FLAGS.merge_sizes)):
             if m > FLAGS.merge_run_max and last is not None:
                 lm, lr = last
-                s = lr["seconds"] * (m / lm) ** 2  # the candidate pass dominates: ~m^2 d
+                s = lr["seconds"] * (m / lm) ** 2  # candidate pass ~m^2 d, screens ~m per merge
                 mb = lr["peak_rss_mb"] * m / lm
-                emit(f"| {m} | ~{s:.0f} | — | ~{mb:.0f} | projected from {lm} (time ~m^2, memory ~m) |")
+                emit(f"| {m} | ~{s:.0f} | — | — | ~{mb:.0f} | projected from {lm} (time ~m^2, "
+                     "memory ~m) |")
                 continue
             r = _run({"kind": "merge", "data": str(_patches(m)), "m": m, "k": FLAGS.k})
             if "error" in r:
                 emit(f"| {m} | error: {r['error'][-200:]!r} ||||")
                 continue
-            emit(f"| {m} | {r['seconds']:.1f} | {r['refreshes']} | {r['peak_rss_mb']:.0f} | run |")
+            emit(f"| {m} | {r['seconds']:.1f} | {r['refreshes']} | {r['exact']} | "
+                 f"{r['peak_rss_mb']:.0f} | run |")
             last = (m, r)
     if "coreset" in FLAGS.cases:
         n, b = FLAGS.coreset_n, FLAGS.coreset_budget
