@@ -27,19 +27,12 @@ candidate pass (``neighbours.candidate_lists``); afterwards:
   refreshed.
 
 Screen. Clusters created since a list, and a refresh's pass over all clusters, are first bounded
-without touching the ``d``-dimensional vectors: ``P`` holds ``p`` orthonormal directions (the
-principal axes of the unit vectors, ``p = 64``), and for unit vectors ``x, y``
-``cos(x, y) = 1 - |x - y|^2 / 2 <= 1 - |P^T (x - y)|^2 / 2``. The projections are kept in float32
-(``p`` values a cluster, by slot and in creation order, so the clusters created since a step are
-one contiguous slice; a dead cluster's squared norm is ``inf``), the squared distances ``D2`` are
-computed in float32, and only candidates whose bound reaches the cut get an exact cosine (at most
-``4 L`` per batch, highest bounds first; the largest bound left out joins the list's ``t``). The
-bound is ``1 + 1e-9 - max(0, D2 - 3e-5) / (2 g)`` with ``g = 1 + p max|P^T P - I|``
-(``>= ||P||^2``): rounding the projections to float32 moves ``D`` by at most ``2^-23``, the float32
-expansion ``|a|^2 + |b|^2 - 2 a.b`` errs by at most ``2 (p + 2) 2^-24 (|a| + |b|)^2 < 2e-5`` for
-``p <= 64`` (squared norms rounded to float32 add less than ``1e-7``), and the float64 cosine of
-computed unit vectors exceeds ``1 - |x - y|^2 / 2`` by less than ``1e-12``. The merges do not
-depend on ``p`` or on the screen at all, only the number of exact cosines does.
+by ``screen.ProjectionScreen`` (float32 projections on the 64 principal axes: a proven upper
+bound on each float64 cosine), kept by slot and in creation order, so the clusters created since
+a step are one contiguous slice (a dead cluster's squared norm is ``inf``). Only candidates whose
+bound reaches the cut get an exact cosine (at most ``4 L`` per batch, highest bounds first; the
+largest bound left out joins the list's ``t``). The merges do not depend on the screen, only the
+number of exact cosines does.
 
 Every cosine that decides anything is a float64 dot product of float64 unit vectors (clipped to
 ``[-1, 1]``), as in ``neighbours``.
@@ -51,12 +44,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from protoad_jax.neighbours import candidate_lists
+from protoad_jax.screen import SCREEN_DIMS, ProjectionScreen
 
 LIST_LENGTH = 32
-SCREEN_DIMS = 64
-_D2_SLACK = 3e-5  # float32 error of a squared projected distance, p <= 64 (module docstring)
-_COS_SLACK = 1e-9  # float64 cosine vs 1 - |x - y|^2 / 2, with room to spare
-_PCA_ROWS = 8192  # rows the screen's principal axes are estimated from
 _REFRESH_BLOCK = 64
 
 
@@ -132,56 +122,6 @@ def merge_closest(sums: np.ndarray, counts: np.ndarray, k: int, *, list_length: 
     return rank[owner].astype(np.int32)
 
 
-class _Screen:
-    """Float32 projections on ``p`` orthonormal axes: upper bounds on cosines (module docstring).
-
-    Work is done on squared distances ``D2`` (float32; dead rows have squared norm ``inf``, so
-    their ``D2`` is ``inf`` and their bound ``-inf``); bounds are made for the few rows kept."""
-
-    def __init__(self, unit: np.ndarray, dims: int):
-        m, d = unit.shape
-        if d <= dims:
-            basis = np.eye(d)
-        else:
-            rows = unit[np.linspace(0, m - 1, min(m, _PCA_ROWS)).astype(np.int64)]
-            centred = rows - rows.mean(axis=0)
-            _, vectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
-            basis = np.ascontiguousarray(vectors[:, ::-1][:, :dims])
-        err = np.abs(basis.T @ basis - np.eye(basis.shape[1])).max()
-        self.basis = basis
-        self.half_gain = 0.5 / (1.0 + basis.shape[1] * err)
-
-    def project(self, unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Float32 projections and their squared norms (float32)."""
-        proj = (unit @ self.basis).astype(np.float32)
-        sq = np.einsum("...p,...p->...", proj.astype(np.float64), proj.astype(np.float64))
-        return proj, np.asarray(sq, np.float32)
-
-    @staticmethod
-    def d2(proj: np.ndarray, sq: np.ndarray, q: np.ndarray, q_sq) -> np.ndarray:
-        """Float32 squared distances of the rows ``proj`` to ``q`` (``[p]``; or ``[b, p]`` for
-        ``b`` queries, giving ``[b, n]``)."""
-        out = q @ proj.T
-        out *= -2.0
-        out += sq
-        out += q_sq[:, None] if q.ndim == 2 else q_sq
-        return out
-
-    def bound(self, d2) -> np.ndarray:
-        """Upper bounds on the float64 cosines of rows at squared distances ``d2``."""
-        return 1.0 + _COS_SLACK - np.maximum(np.asarray(d2, np.float64) - _D2_SLACK,
-                                             0.0) * self.half_gain
-
-    def limit(self, cut: float) -> np.float32:
-        """The largest float32 ``D2`` whose bound can reach ``cut`` (rounded up; finite, so rows
-        at ``inf`` never pass)."""
-        if cut == -np.inf:
-            return np.finfo(np.float32).max
-        lim = max((1.0 + _COS_SLACK - cut) / self.half_gain + _D2_SLACK, -1.0)
-        out = np.float32(lim)
-        return out if out >= lim else np.nextafter(out, np.float32(np.inf))
-
-
 class _State:
     """The live clusters, their partners and candidate lists (see the module docstring)."""
 
@@ -194,7 +134,7 @@ class _State:
         self.tau = np.zeros(m, np.int64)  # step at which the slot's list was made
         self.log = np.full(merges + 1, -1, np.int64)  # log[step] = slot of the cluster made then
         self.mark = np.zeros(m, bool)  # scratch
-        self.screen = _Screen(self.unit, dims)
+        self.screen = ProjectionScreen(self.unit, dims)
         self.proj, self.sq = self.screen.project(self.unit)  # by slot
         self.proj_log = np.zeros((merges + 1, self.proj.shape[1]), np.float32)  # by step
         self.sq_log = np.full(merges + 1, np.inf, np.float32)  # inf: not made yet, or dead
