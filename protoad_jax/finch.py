@@ -194,11 +194,13 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
     itemsize = xh.dtype.itemsize if xh.dtype in (np.float16, np.float32) else 4
     chunk = min(int(chunk_size), n)
     # level 0 has at most n / 2 clusters (each holds a sample and its first neighbour): its
-    # float64 sums and float32 means are the largest arrays of the hierarchy
+    # float64 sums and float32 means are the largest arrays of the hierarchy. On the device: the
+    # samples, their candidate lists, and in the worst case (every query a near tie) the fallback
+    # pass's copy of all queries and their 256-long lists.
     memory.check(f"finch: the first-neighbour search over {n} samples and the level-0 sums",
                  "subsample the patches (Config.max_patches)",
                  host=n * d * itemsize + n * 64 * 8 + (n // 2) * d * 12,
-                 device=n * d * itemsize + n * 256 + 8 * chunk * (chunk + d) * 4)
+                 device=2 * n * d * itemsize + n * (256 + 2048) + 8 * chunk * (chunk + d) * 4)
     kw = {"chunk_size": chunk_size, "precision": precision, "mesh": mesh}
     k = None if num_clusters is None else int(num_clusters)
 
