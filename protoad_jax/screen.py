@@ -30,7 +30,8 @@ _PCA_ROWS = 8192  # rows the principal axes are estimated from
 
 class ProjectionScreen:
     """Float32 projections of unit vectors on ``p <= 64`` orthonormal axes (the principal axes
-    of ``unit``, estimated from up to 8,192 evenly spaced rows; the identity when ``d <= p``).
+    of ``unit``, estimated from up to 8,192 evenly spaced rows, fewer axes when there are fewer
+    rows; the identity when ``d <= p``).
 
     Callers filter on squared distances (``d2``, ``limit``) and make bounds (``bound``) only for
     the rows they keep."""
@@ -44,8 +45,12 @@ class ProjectionScreen:
         else:
             rows = unit[np.linspace(0, m - 1, min(m, _PCA_ROWS)).astype(np.int64)]
             centred = rows - rows.mean(axis=0)
-            _, vectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
-            basis = np.ascontiguousarray(vectors[:, ::-1][:, :dims])
+            if len(rows) < d:  # few rows: O(rows^2 d), and at most rows - 1 axes carry spread
+                basis = np.linalg.svd(centred, full_matrices=False)[2][:dims].T
+            else:
+                _, vectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+                basis = vectors[:, ::-1][:, :dims]
+            basis = np.ascontiguousarray(basis)
         err = np.abs(basis.T @ basis - np.eye(basis.shape[1])).max()
         self.basis = basis
         self.half_gain = 0.5 / (1.0 + basis.shape[1] * err)

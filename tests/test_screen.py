@@ -61,3 +61,12 @@ def test_screen_rules_pairs_out_on_patch_like_data():
 def test_bad_dims():
     with pytest.raises(ValueError, match="dims"):
         ProjectionScreen(np.eye(3), SCREEN_DIMS + 1)
+
+
+def test_few_rows_fewer_axes_still_a_bound():
+    u = _rows(1792, 3)[:20]
+    screen = ProjectionScreen(u)
+    proj, sq = screen.project(u)
+    gap = screen.bound(screen.d2(proj, sq, proj, sq)) - np.clip(u @ u.T, -1.0, 1.0)
+    print(f"20 rows: {proj.shape[1]} axes, min(bound - cos) {gap.min():.3e} (tolerance: >= 0)")
+    assert proj.shape == (20, 20) and gap.min() >= 0.0
