@@ -50,10 +50,6 @@ LIST_LENGTH = 32
 _REFRESH_BLOCK = 64
 
 
-class MergeStats(dict):
-    """Counters of one merge run: ``merges``, ``refreshes`` (passes over all clusters)."""
-
-
 def host_bytes(m: int, d: int) -> int:
     """Host memory ``merge_closest`` holds for ``m`` clusters in ``d`` dimensions, estimated:
     the float64 sums and unit vectors, the initial candidate pass's float64 and float32 copies
