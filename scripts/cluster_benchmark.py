@@ -10,8 +10,9 @@ stores them; cached under --workdir).
            levels, level-0 effective GFLOP/s (2 n^2 d / level-0 seconds), queries re-ranked in
            float64, device fallbacks, exhaustive float64 searches.
   merge    merging.merge_closest from m singleton clusters (patches) down to K, for each
-           --merge_sizes: seconds, refreshes, peak RSS; sizes above --merge_run_max are projected
-           from the largest run (candidate pass ~m^2, merges ~m), labelled as projections.
+           --merge_sizes: seconds, refreshes, exact cosines, peak RSS; sizes above
+           --merge_run_max are projected from the largest run (time ~m^2: the candidate pass is
+           m^2 d, each merge screens O(m) rows; memory ~m), labelled as projections.
   coreset  pipeline's coreset sampler over --coreset_n patches (float16) down to --coreset_budget:
            seconds, peak RSS.
 
