@@ -99,7 +99,7 @@ def _max_patches(text: str):
 
 
 def _run_all(dataset, data_dir, out, config, backbone):
-    from protoad_jax import evaluation
+    from protoad_jax import cli, evaluation
 
     names = evaluation.list_categories(dataset, data_dir) if FLAGS.categories == ["all"] else FLAGS.categories
     results = []
@@ -110,11 +110,16 @@ def _run_all(dataset, data_dir, out, config, backbone):
             results.append(evaluation.load_result(done))
             continue
         print(f"== {name}", flush=True)
-        results.append(evaluation.run_category(
-            dataset, data_dir, name, out, config, backbone, batch_size=FLAGS.batch_size,
-            save_raw_maps=FLAGS.save_raw_maps, skip_bad_images=FLAGS.skip_bad_images,
-            num_overlays=FLAGS.num_overlays, progress=FLAGS.progress,
-            tfds_data_dir=FLAGS.tfds_data_dir, tfds_manual_dir=FLAGS.tfds_manual_dir))
+        try:
+            results.append(evaluation.run_category(
+                dataset, data_dir, name, out, config, backbone, batch_size=FLAGS.batch_size,
+                save_raw_maps=FLAGS.save_raw_maps, skip_bad_images=FLAGS.skip_bad_images,
+                num_overlays=FLAGS.num_overlays, progress=FLAGS.progress,
+                tfds_data_dir=FLAGS.tfds_data_dir, tfds_manual_dir=FLAGS.tfds_manual_dir))
+        except MemoryError as e:  # the fit's checks (or an allocation) found too little memory
+            raise cli.CommandError.hinted(
+                e, f"({name}) Pass --max_patches=N with a smaller N to fit on fewer patches, or a "
+                "--num_prototypes equal to a FINCH level.") from e
         if results[-1]["skipped_images"]:
             print(f"{name}: {len(results[-1]['skipped_images'])} unreadable test images skipped "
                   f"(status column of {out / name / 'scores.csv'})", flush=True)

@@ -304,3 +304,25 @@ def test_missing_weights_errors_name_no_flag_and_the_scripts_add_it(tmp_path, mo
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert lines[-1].startswith("error: this model was fitted with a random-init backbone"), lines
     assert lines[-1].endswith(cli.WEIGHTS_HINT) and "--allow_random_weights" in lines[-1], lines
+
+
+def test_evaluate_cli_memory_error_is_one_line_with_the_flag(tmp_path, weights_npz):
+    """A fit that would not fit in memory ends in one error line naming --max_patches (the check
+    runs before the work; free memory is faked small in the script's process)."""
+    root = _tiny_mvtec(tmp_path / "data")
+    path = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    code = ("import runpy, sys; from protoad_jax import memory; "
+            "memory.available_host = lambda: 10**6; "
+            f"sys.argv = ['evaluate.py', '--dataset=mvtec', '--data_dir={root}', "
+            f"'--categories=demo_object', '--weights={weights_npz}', "
+            f"'--output_dir={tmp_path / 'out'}', '--num_prototypes=7', '--noprogress']; "
+            f"runpy.run_path('{REPO / 'scripts' / 'evaluate.py'}', run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path), timeout=900,
+                         check=False)
+    print(res.stderr[-2000:])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert lines[-1].startswith("error: finch: the first-neighbour search over"), lines[-1]
+    assert "host memory" in lines[-1] and "--max_patches=N" in lines[-1], lines[-1]
+    assert not (tmp_path / "out" / "demo_object" / "result.json").exists()
