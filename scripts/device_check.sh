@@ -17,6 +17,9 @@
 #      scripts/export.py or protoad_jax.load_exported is not there.
 #   4. scale: fit() on all patches of a 391-image generated category (benchmark.py scale; on a GPU
 #      the default patch budget keeps all 1.23M patches).
+#   5. merge: required-K merging from 20,000 singleton clusters down to 1,000 (cluster_benchmark.py
+#      --cases=merge; the candidate pass on the GPU, the merges on the host). Last, so the budget
+#      may skip it: DEVICE_CHECK_STEPS="merge" runs it alone.
 # Writes under $OUT (default ./device_check_out): device_check.log, device_check.md (this run's
 # tables), BENCHMARKS.md (the repository's, with device_check.md appended) and one log per step.
 # The repository's BENCHMARKS.md gets the same section appended (not in a dry run).
@@ -32,7 +35,7 @@ DRY="${DEVICE_CHECK_DRY:-0}"
 BUDGET_S="${DEVICE_CHECK_BUDGET_S:-$([[ "$DRY" == 1 ]] && echo 900 || echo 450)}"
 OUT="${OUT:-$REPO/device_check_out}"
 PY="${PYTHON:-python3}"
-STEPS=" ${DEVICE_CHECK_STEPS:-parity e2e export scale} "
+STEPS=" ${DEVICE_CHECK_STEPS:-parity e2e export scale merge} "
 mkdir -p "$OUT"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
@@ -125,12 +128,14 @@ if [[ "$DRY" == 1 ]]; then
   E2E=(--batch_sizes=1 --dtypes=float32,bfloat16 --k=10 --repeats=1)
   E2E_CAP=300  # torch on a shared 2-core CPU, bfloat16 autocast there is slow
   SCALE=(--scale_images=2)
+  MERGE=(--merge_sizes=2000 --k=100)
   PLATFORMS=cpu
 else
   run_step parity 200 "$PY" -m pytest -q -p no:cacheprovider -ra "${PARITY_FILES[@]}"
   E2E=(--batch_sizes=1,8,64 --dtypes=float32,bfloat16 --k=1000 --repeats=10 --budget_s=15)
   E2E_CAP=130
   SCALE=(--scale_images=391 --cluster_timeout_s=170)
+  MERGE=(--merge_sizes=20000 --k=1000)
   PLATFORMS=cpu,cuda
 fi
 
@@ -195,6 +200,8 @@ else
 fi
 
 run_step scale 200 "$PY" scripts/benchmark.py scale "${SCALE[@]}"
+run_step merge 120 "$PY" scripts/cluster_benchmark.py --cases=merge "${MERGE[@]}" \
+  --workdir="$WORK/cluster" --output="$WORK/merge.md"
 
 # ----------------------------------------------------------------------------- tables
 {
@@ -220,6 +227,12 @@ run_step scale 200 "$PY" scripts/benchmark.py scale "${SCALE[@]}"
   fi
   if [[ -f "$OUT/scale.log" ]]; then
     sed -n '/^### scale/,$p' "$OUT/scale.log"
+    echo
+  fi
+  if [[ -s "$WORK/merge.md" ]]; then
+    echo "### merge (\`python scripts/cluster_benchmark.py --cases=merge ${MERGE[*]}\`)"
+    echo
+    grep -v '^Machine:' "$WORK/merge.md"
     echo
   fi
 } >>"$MD"
