@@ -44,6 +44,7 @@ from protoad_jax import memory, merging
 from protoad_jax.neighbours import cosine64, first_neighbours, unit64
 
 _SUM_ROWS = 16384  # rows per block of the float64 cluster sums
+_BUDGET_HINT = "subsample the patches (Config.max_patches)"
 
 
 class FinchResult(NamedTuple):
@@ -198,7 +199,7 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
     # samples, their candidate lists, and in the worst case (every query a near tie) the fallback
     # pass's copy of all queries and their 256-long lists.
     memory.check(f"finch: the first-neighbour search over {n} samples and the level-0 sums",
-                 "subsample the patches (Config.max_patches)",
+                 _BUDGET_HINT,
                  host=n * d * itemsize + n * 64 * 8 + (n // 2) * d * 12,
                  device=2 * n * d * itemsize + n * (256 + 2048) + 8 * chunk * (chunk + d) * 4)
     kw = {"chunk_size": chunk_size, "precision": precision, "mesh": mesh}
@@ -215,19 +216,19 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
     level_stats = [counters(nb)]
     sums = _sums(xh, labels, c)
     counts = np.bincount(labels, minlength=c).astype(np.float64)
-    partitions, sizes, means = [labels], [c], [(sums / counts[:, None]).astype(np.float32)]
+    level_means = sums / counts[:, None]
+    partitions, sizes, means = [labels], [c], [level_means.astype(np.float32)]
     # float64 sums kept: the current level's and, for a required K, the coarsest level with at
     # least K clusters (the start of the merging)
     kept = {0: (sums, counts)}
     while sizes[-1] >= 2:
-        level_means = sums / counts[:, None]
         nb = first_neighbours(level_means, **kw)
         lab, c_new = _level(level_means, nb.index, nb.similarity, min_sim)
         merged = sizes[-1] - c_new
         if c_new == 1 or merged < 1:
             break
         memory.check(f"finch: level {len(sizes)} ({c_new} clusters)",
-                     "subsample the patches (Config.max_patches)", host=c_new * d * 12)
+                     _BUDGET_HINT, host=c_new * d * 12)
         level_stats.append(counters(nb))
         sums = _sums(sums, lab, c_new)
         counts = np.bincount(lab, weights=counts, minlength=c_new)
@@ -235,7 +236,8 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
         # its lowest-numbered part.
         partitions.append(lab[partitions[-1]].astype(np.int32))
         sizes.append(c_new)
-        means.append((sums / counts[:, None]).astype(np.float32))
+        level_means = sums / counts[:, None]
+        means.append(level_means.astype(np.float32))
         kept = {lv: v for lv, v in kept.items() if k is not None and sizes[lv] >= k > c_new}
         kept[len(sizes) - 1] = (sums, counts)
         if merged == 1:
@@ -252,8 +254,7 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
             req_level = max((lv for lv, c in enumerate(sizes) if c >= k), default=-1)
             m = len(kept[req_level][1]) if req_level >= 0 else n
             memory.check(f"finch: merging {m} clusters down to {k}",
-                         "ask for a K closer to a FINCH level or subsample the patches "
-                         "(Config.max_patches)",
+                         f"ask for a K closer to a FINCH level or {_BUDGET_HINT}",
                          host=merging.host_bytes(m, d) + (m * d * 8 if req_level < 0 else 0),
                          device=m * d * 4 + m * 512)
             if req_level >= 0:

@@ -209,10 +209,7 @@ class _State:
                     idx = np.concatenate([idx, more])
                     sim = np.concatenate([sim, self._cos(more, x)])
                 self._set_list(x, idx, sim, left, now)
-                if len(sim):
-                    self.best[x] = self._lowest_top(idx[None, :], sim[None, :])[0]
-                    self.bsim[x] = sim.max()
-                else:  # the last cluster
+                if not self._certify(x, idx, sim, -np.inf):  # the last cluster
                     self.best[x], self.bsim[x] = -1, -np.inf
 
     def _valid_entries(self, x: int) -> tuple[np.ndarray, np.ndarray]:
