@@ -45,12 +45,3 @@ def compiler_options() -> dict[str, str] | None:
         log.info("XLA:CPU options %s not applied: %s", OPTIONS, e)
         return None
     return dict(OPTIONS)
-
-
-def tune() -> bool:
-    """Does nothing and returns False: the options are set per computation now.
-
-    Kept for callers written against the former process-wide flag (scripts/benchmark.py until
-    its rewrite); remove it with them.
-    """
-    return False

@@ -68,9 +68,6 @@ COMMANDS = {"e2e": e2e.run, "head": head.run, "probe": torch_probe.run, "data": 
 
 
 def main(argv):
-    from protoad_jax import xla_cpu
-
-    xla_cpu.tune()  # as the other scripts run; before any JAX computation
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: benchmark.py {{{'|'.join(COMMANDS)}}} [flags]")
     harness.setup()

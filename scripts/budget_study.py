@@ -35,9 +35,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the data, the samplers and the random b
 
 def main(argv):
     del argv
-    from protoad_jax import Config, demo, evaluation, fileio, xla_cpu
+    from protoad_jax import Config, demo, evaluation, fileio
 
-    xla_cpu.tune()
     out = Path(FLAGS.output)
     data_root = out / "data"
     demo.make_demo_dataset(data_root, seed=FLAGS.seed)

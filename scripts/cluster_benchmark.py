@@ -51,14 +51,6 @@ flags.DEFINE_string("case", None, "Internal: JSON of one case, run in this proce
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _rss_peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _patches(n: int) -> Path:
     """``[n, 1792]`` float16 real-photo patch embeddings, cached."""
     path = Path(FLAGS.workdir) / f"photo_{n}.npy"
@@ -69,16 +61,12 @@ def _patches(n: int) -> Path:
             return other
     import numpy as np
 
-    from protoad_jax import Config, demo, evaluation, pipeline
+    from protoad_jax import Config, demo, evaluation, fileio, pipeline
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     net = evaluation.random_backbone("wide_resnet50_2", "benchmark")
     crops = demo.photo_crops(-(-n // 3136), seed=11)
     x = pipeline.extract_patches(crops, net.variables, Config(max_patches=None), progress=False)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, x[:n].astype(np.float16))
-    os.replace(tmp, path)
-    return path
+    return fileio.atomic_write(path, lambda f: np.save(f, x[:n].astype(np.float16)))
 
 
 def _case(case: dict) -> dict:
@@ -172,7 +160,9 @@ def main(argv):
     if FLAGS.case:
         case = json.loads(FLAGS.case)
         out = _case(case)
-        out["peak_rss_mb"] = _rss_peak_mb()
+        from bench.harness import rss_mb  # after the work: its imports do not count
+
+        out["peak_rss_mb"] = rss_mb("VmHWM")
         print("RESULT " + json.dumps(out))
         return
     lines = [(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "

@@ -30,9 +30,6 @@ flags.DEFINE_bool("allow_random_weights", False, "Accept a --model fitted with a
 def main(argv):
     del argv
     t0 = time.perf_counter()
-    from protoad_jax import xla_cpu
-
-    xla_cpu.tune()  # as the scripts run
     import jax
     import numpy as np
 

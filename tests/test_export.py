@@ -191,8 +191,8 @@ def test_manifest_states_everything(exported, model, variables):
 
 
 def _env() -> dict:
-    # PYTHONPATH: the subprocess imports this checkout's protoad_jax. XLA_FLAGS (set by
-    # xla_cpu.tune() in conftest) is inherited, so both processes compile the same way.
+    # PYTHONPATH: the subprocess imports this checkout's protoad_jax; both processes compile
+    # the same way (xla_cpu.compiler_options() per computation).
     return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
 
 

@@ -247,9 +247,6 @@ def run_case(module: str, case: dict) -> dict:
 
 def case_main() -> None:
     """The child of ``run_case``: ``sys.argv[1:] = [module, case json]``; prints ``RESULT {json}``."""
-    from protoad_jax import xla_cpu
-
-    xla_cpu.tune()  # as the parent runs; before any JAX computation
     import jax.numpy as jnp
 
     log_compiles()
@@ -325,7 +322,8 @@ def write_benchmarks(out: Path, tables: list[Table], start: float,
         *[f"- {line}" for line in machine()],
         (f"- Threads: torch.set_num_threads({FLAGS.threads}), cv2.setNumThreads({FLAGS.threads}); "
          f"JAX/XLA on the same {FLAGS.threads} cores (process CPU affinity). "
-         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (protoad_jax.xla_cpu.tune(), as every script)."),
+         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; the jitted regions compile with "
+         "protoad_jax.xla_cpu.compiler_options(), as in every program."),
         (f"- Load average (1 min): {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end. "
          "JAX and torch calls alternate within each measurement, so background load affects "
          "their ratios less than their absolute timings."),
