@@ -1,8 +1,9 @@
 """What the command-line scripts share: expected input errors as one clean line, not a traceback.
 
 Library errors say what is wrong and how to fix it; only the scripts add their flags (here:
-``--skip_bad_images``, ``WEIGHTS_HINT``; a script raises ``CommandError`` with its flag added to a
-library error), so the library never names a command-line option.
+``--skip_bad_images`` and ``WEIGHTS_HINT``, added by ``error_line``; a script raises
+``CommandError`` with its flag added to a library error), so the library never names a
+command-line option.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import functools
 import sys
 from collections.abc import Callable
 
-from protoad_jax import data
+from protoad_jax import data, evaluation
 
 WEIGHTS_HINT = ("Pass --weights=PATH.npz (scripts/convert_weights.py makes it), or "
                 "--allow_random_weights to run with a random-init backbone (results are then not "
@@ -28,14 +29,17 @@ class CommandError(Exception):
 
 
 # Problems with the user's inputs, explained in their message; anything else is a bug: traceback.
-EXPECTED_ERRORS = (data.DatasetError, data.BadImageError, CommandError)
+EXPECTED_ERRORS = (data.DatasetError, data.BadImageError, evaluation.NoWeightsError, CommandError)
 
 
 def error_line(e: Exception) -> str:
-    """``"error: <message>"``, plus the flag that skips the file when skipping applies."""
+    """``"error: <message>"``, plus the flag that skips the file when skipping applies, or the
+    weights flags when there are no weights."""
     line = f"error: {e}"
     if isinstance(e, data.BadImageError) and e.skippable:
         line += " Or pass --skip_bad_images to skip it (it is then listed as skipped)."
+    if isinstance(e, evaluation.NoWeightsError):
+        line += " " + WEIGHTS_HINT
     return line
 
 

@@ -67,7 +67,7 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 def main(argv):
     del argv
-    from protoad_jax import Config, cli, demo, evaluation
+    from protoad_jax import Config, demo, evaluation
 
     out = Path(FLAGS.output_dir or ("demo_output" if FLAGS.demo else f"runs/{FLAGS.dataset}"))
     dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
@@ -82,11 +82,8 @@ def main(argv):
                     max_patches=_max_patches(FLAGS.max_patches),
                     patch_sampler=FLAGS.patch_sampler, image_score=FLAGS.image_score,
                     normalize_prototypes=FLAGS.normalize_prototypes, dtype=FLAGS.dtype)
-    try:
-        backbone = evaluation.resolve_backbone(FLAGS.weights, config.arch, demo=FLAGS.demo,
-                                               allow_random=FLAGS.allow_random_weights)
-    except evaluation.NoWeightsError as e:
-        raise cli.CommandError.hinted(e, cli.WEIGHTS_HINT) from e
+    backbone = evaluation.resolve_backbone(FLAGS.weights, config.arch, demo=FLAGS.demo,
+                                           allow_random=FLAGS.allow_random_weights)
     return _run_all(dataset, data_dir, out, config, backbone)
 
 

@@ -36,13 +36,10 @@ def main(argv):
     del argv
     import jax
 
-    from protoad_jax import cli, evaluation, export, load_model
+    from protoad_jax import evaluation, export, load_model
 
     model = load_model(FLAGS.model)
-    try:
-        net = evaluation.backbone_for_model(model, FLAGS.weights, allow_random=FLAGS.allow_random_weights)
-    except evaluation.NoWeightsError as e:
-        raise cli.CommandError.hinted(e, cli.WEIGHTS_HINT) from e
+    net = evaluation.backbone_for_model(model, FLAGS.weights, allow_random=FLAGS.allow_random_weights)
     out = export.export_scorer(model, net.variables, FLAGS.output, platforms=FLAGS.platforms,
                                batch_size=FLAGS.batch_size)
     manifest = json.loads((out / export.MANIFEST).read_text())

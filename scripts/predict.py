@@ -87,14 +87,11 @@ def _score_exported(paths):
 
 
 def _score_model(paths):
-    from protoad_jax import cli, data, evaluation, load_model, pipeline
+    from protoad_jax import data, evaluation, load_model, pipeline
 
     model_path = Path(FLAGS.model)
     model = load_model(model_path)
-    try:
-        net = evaluation.backbone_for_model(model, FLAGS.weights, allow_random=FLAGS.allow_random_weights)
-    except evaluation.NoWeightsError as e:
-        raise cli.CommandError.hinted(e, cli.WEIGHTS_HINT) from e
+    net = evaluation.backbone_for_model(model, FLAGS.weights, allow_random=FLAGS.allow_random_weights)
     kw = {"batch_size": FLAGS.batch_size, "progress": FLAGS.progress, "skip_bad": FLAGS.skip_bad_images}
     if FLAGS.calibrate_dir:
         normal = data.find_images(FLAGS.calibrate_dir)
