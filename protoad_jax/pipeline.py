@@ -231,12 +231,13 @@ def extract_patches(images: Sequence[Any], variables: dict, config: Config, *, b
     total = len(images) * per_image
     keep = None
     budget = config.patch_budget(jax.default_backend())
-    if budget is not None and budget < total and config.patch_sampler == "coreset":
-        patches = extract_patches(images, variables, dataclasses.replace(config, max_patches=None),
-                                  batch_size=batch_size, progress=progress)
-        with Progress(f"coreset ({budget} of {len(patches)} patches)", None, "", progress):
-            return patches[coreset.greedy_coreset(patches, budget, config.seed)]
     if budget is not None and budget < total:
+        if config.patch_sampler == "coreset":
+            patches = extract_patches(images, variables,
+                                      dataclasses.replace(config, max_patches=None),
+                                      batch_size=batch_size, progress=progress)
+            with Progress(f"coreset ({budget} of {len(patches)} patches)", None, "", progress):
+                return patches[coreset.greedy_coreset(patches, budget, config.seed)]
         rng = np.random.default_rng(config.seed)
         keep = np.sort(rng.choice(total, size=budget, replace=False))
     n_out = total if keep is None else len(keep)
