@@ -33,7 +33,7 @@ A quick check that every measurement runs (tiny sizes, writes a throwaway BENCHM
   python scripts/benchmark.py all --output=/tmp/BENCHMARKS.md --k=1000 --e2e_batch_sizes=2 \
     --latency_repeats=1 --repeats=1 --head_ks=10 --head_chunked_ks=10 --chunk_size=4 \
     --head_batch=2 --data_sizes=64 --data_images=2 --data_batch=2 --cluster_sizes=200,400 \
-    --cluster_float16_sizes=200 --cluster_k=10 --kmeans_iters=2 --scale_images=2
+    --cluster_float16_sizes=200 --cluster_k=10 --kmeans_iters=2 --scale_images=2 --nofit_stage
 
 Random weights and prototypes: speed does not depend on their values. Needs the reference
 extra: pip install -e ".[test]".

@@ -15,7 +15,7 @@ from PIL import Image
 
 from bench import harness
 from bench.harness import FLAGS, Table
-from protoad_jax import data, pipeline
+from protoad_jax import data, evaluation, pipeline
 from protoad_jax.config import Config
 
 flags.DEFINE_list("data_sizes", ["700", "1024"], "data: side of the generated square PNGs.")
@@ -41,7 +41,7 @@ def run(results: dict | None = None) -> list[Table]:
                 run_once()  # warm-up: page cache, thread pool start
                 rates[size, t] = len(paths[size]) / harness.medians(run_once)[0]
                 table.add(f"{size}x{size}", kb, t, rates[size, t])
-        k = harness.default_k()
+        k = evaluation.DEFAULT_K
         if results is not None and ("e2e_img_s", k, b) in results:
             size, t = max(paths), threads[-1]
             device, host = results[("e2e_img_s", k, b)], rates[size, t]
@@ -85,7 +85,7 @@ def _drain(paths, batch: int, threads: int) -> None:
 
 def _score_files(paths: list[Path], batch: int) -> float:
     _, variables = harness.models()
-    k = harness.default_k()
+    k = evaluation.DEFAULT_K
     model = pipeline.Model(harness.prototypes(k), Config(num_prototypes=k, arch=FLAGS.arch))
     run = functools.partial(pipeline.score_images, model, paths, variables, batch_size=batch,
                             progress=False)

@@ -13,7 +13,7 @@ from absl import flags
 
 from bench import harness
 from bench.harness import COMPILE_LOG, FLAGS, Table
-from protoad_jax import pipeline
+from protoad_jax import evaluation, pipeline
 from protoad_jax.config import Config
 
 flags.DEFINE_integer("k", 100, "e2e: a second K timed besides Config().num_prototypes.")
@@ -24,8 +24,7 @@ flags.DEFINE_integer("latency_repeats", 10, "e2e: batch-1 calls timed for p50/p9
 def run(results: dict | None = None) -> list[Table]:
     """Prints and returns the e2e table; stores ``results[("e2e_img_s", K, batch)]`` (img/s)."""
     torch = harness.torch_threads()
-    default_k = Config().num_prototypes
-    ks = [default_k] + ([FLAGS.k] if FLAGS.k != default_k else [])
+    ks = [evaluation.DEFAULT_K] + ([FLAGS.k] if FLAGS.k != evaluation.DEFAULT_K else [])
     sizes = sorted(set(map(int, FLAGS.e2e_batch_sizes)))
     images = harness.images(max([*sizes, 1]))
     images_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
@@ -68,7 +67,7 @@ def _one_k(table: Table, k: int, sizes: list[int], images, images_t,
     config = Config(num_prototypes=k, arch=FLAGS.arch)
     model = pipeline.Model(harness.prototypes(k), config)
     scorer = pipeline.make_scorer(model, variables)
-    # TODO(public scoring fn): the jitted function make_scorer calls, for its cache size.
+    # the jitted function make_scorer calls, for its cache size
     jitted = pipeline.scoring_function(config)
 
     def run_jax(b):

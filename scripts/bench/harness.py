@@ -206,12 +206,6 @@ def images(n: int, size: int = 224, seed: int = 0):
     return np.random.default_rng(seed).standard_normal((n, size, size, 3), dtype=np.float32)
 
 
-def default_k() -> int:
-    from protoad_jax.config import Config
-
-    return Config().num_prototypes
-
-
 def rss_mb(field: str = "VmRSS") -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
