@@ -63,13 +63,15 @@ def main(argv):
                      "aupro": row["aupro"], "fit_s": row["seconds_fit_total"],
                      "finch_levels": row["fit_info"].get("finch_levels"), "total_s": round(seconds, 1)}
             rows.append(r)
-            print(f"| {category} | {r['patches']} | {method} | {r['image_auroc']:.4f} | "
-                  f"{r['pixel_auroc']:.4f} | {r['aupro']:.4f} | {r['fit_s']:.1f} |", flush=True)
-    text = (f"Backbone: {net.description}\n\n{header}\n" + "\n".join(
-        f"| {r['category']} | {r['patches']} | {r['method']} | {r['image_auroc']:.4f} | "
-        f"{r['pixel_auroc']:.4f} | {r['aupro']:.4f} | {r['fit_s']:.1f} |" for r in rows) + "\n")
+            print(_line(r), flush=True)
+    text = f"Backbone: {net.description}\n\n{header}\n" + "\n".join(map(_line, rows)) + "\n"
     fileio.atomic_write(out / "budget_study.md", lambda f: f.write(text), mode="w")
     fileio.atomic_write(out / "budget_study.json", lambda f: json.dump(rows, f, indent=1), mode="w")
+
+
+def _line(r: dict) -> str:
+    return (f"| {r['category']} | {r['patches']} | {r['method']} | {r['image_auroc']:.4f} | "
+            f"{r['pixel_auroc']:.4f} | {r['aupro']:.4f} | {r['fit_s']:.1f} |")
 
 
 if __name__ == "__main__":
