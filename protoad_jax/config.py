@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from protoad_jax.errors import SettingsError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EMBED_LAYERS = ("layer1", "layer2", "layer3")
@@ -77,14 +79,14 @@ class Config:
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
-                raise ValueError(f"Config.{name} must be one of {allowed}, got {value!r}")
+                raise SettingsError(f"Config.{name} must be one of {allowed}, got {value!r}")
         if self.num_prototypes is not None and self.num_prototypes < 1:
-            raise ValueError(f"Config.num_prototypes must be >= 1 or None, got {self.num_prototypes}")
+            raise SettingsError(f"Config.num_prototypes must be >= 1 or None, got {self.num_prototypes}")
         if not (self.max_patches in (None, "auto") or (isinstance(self.max_patches, int)
                                                        and self.max_patches > 0)):
-            raise ValueError(f"Config.max_patches must be a positive int, None or 'auto', got {self.max_patches!r}")
+            raise SettingsError(f"Config.max_patches must be a positive int, None or 'auto', got {self.max_patches!r}")
         if self.image_size > self.resize:
-            raise ValueError(f"Config.image_size ({self.image_size}) must not exceed resize ({self.resize})")
+            raise SettingsError(f"Config.image_size ({self.image_size}) must not exceed resize ({self.resize})")
 
     def patch_budget(self, platform: str) -> int | None:
         """``max_patches`` resolved for a JAX platform (``"cpu"``, ``"gpu"``, ``"tpu"``)."""
@@ -101,5 +103,5 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"model config has unknown fields {unknown}; written by a newer protoad_jax?")
+            raise SettingsError(f"model config has unknown fields {unknown}; written by a newer protoad_jax?")
         return cls(**data)

@@ -7,111 +7,32 @@ interrupted run resumes by skipping the categories that have one.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from protoad_jax import backbone, data, metrics, pipeline, report, weights
+from protoad_jax import datasets, fileio, input_pipeline, metrics, pipeline, preprocess, report
 from protoad_jax.config import IMAGE_SCORES, Config
-from protoad_jax.fileio import atomic_write
 from protoad_jax.model import Model
+
+if TYPE_CHECKING:
+    from protoad_jax.weights import Backbone
 
 log = logging.getLogger(__name__)
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
-RANDOM_BACKBONE = "random-init backbone"
 DEFAULT_K = Config().num_prototypes
 CSV_COLUMNS = ("category",) + METRICS + ("num_prototypes", "num_train", "num_test",
                                          "seconds_features", "seconds_clustering", "seconds_scoring",
                                          "seconds_metrics")
 # scores.csv: every test image; status "ok", or "skipped: <reason>" (no score) with skip_bad_images.
 SCORES_COLUMNS = ("path", "defect_type", "label", "status", "score")
-
-
-class NoWeightsError(RuntimeError):
-    """No backbone weights are available and a random-init backbone was not allowed; the message
-    says how to get the weights."""
-
-
-class Backbone(NamedTuple):
-    """Backbone variables, the ``.npz`` they came from (None if random), a description, warnings."""
-
-    variables: dict
-    path: str | None
-    description: str
-    warnings: list[str]
-
-
-def resolve_backbone(weights_path: str | None, arch: str = "wide_resnet50_2", *, demo: bool = False,
-                     allow_random: bool = False) -> Backbone:
-    """Loads the given weights, else the converted ImageNet file (converting/downloading it when
-    missing); without them, a random-init backbone only for the demo or with ``allow_random``.
-
-    Raises:
-      NoWeightsError: the ImageNet weights could not be downloaded or converted and random
-        weights are not allowed; the message says why and how to get them.
-      FileNotFoundError / ValueError: ``weights_path`` is missing or not valid weights.
-    """
-    if weights_path is not None:
-        return Backbone(pipeline.load_backbone(weights_path, arch), str(weights_path),
-                        f"{arch} from {weights_path}", [])
-    try:
-        path = weights.ensure_weights(arch)
-        return Backbone(pipeline.load_backbone(path, arch), str(path),
-                        f"{arch} IMAGENET1K_V1 (torchvision), converted to {path}", [])
-    # Offline (DownloadError is an OSError), a wrong hash (ChecksumError), a corrupt .pth
-    # (CheckpointError) or a mismatched file (ValueError): say why, then decide.
-    except (OSError, ValueError) as e:
-        if not (demo or allow_random):
-            raise NoWeightsError(f"no backbone weights: {e}\nConvert the ImageNet weights with "
-                                 "scripts/convert_weights.py and pass their path, or allow a "
-                                 "random-init backbone (results are then not meaningful).") from e
-        reason = str(e).splitlines()[0]
-    return random_backbone(arch, f"the ImageNet weights are not available ({reason})")
-
-
-def random_backbone(arch: str, reason: str) -> Backbone:
-    """A deterministic (PRNG key 0) random-init backbone, with a prominent warning."""
-    warning = (f"WARNING: {RANDOM_BACKBONE}: {reason}. Features come from a randomly initialised "
-               "WideResNet, so the numbers are NOT those of ProtoAD. Convert the ImageNet weights with "
-               "scripts/convert_weights.py and rerun.")
-    log.warning(warning)
-    variables = backbone.fold_batchnorm(random_variables(arch))
-    return Backbone(jax.device_put(variables), None, RANDOM_BACKBONE, [warning])
-
-
-def random_variables(arch: str = "wide_resnet50_2") -> dict:
-    """Flax's default initialisation of the backbone (PRNG key 0), BatchNorm unfolded."""
-    return backbone.ResNet(arch=arch).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
-
-
-def backbone_for_model(model: Model, weights_path: str | None = None, *,
-                       allow_random: bool = False) -> Backbone:
-    """The backbone a model was fitted with: ``weights_path``, else the path recorded in the model.
-
-    A model fitted with the random-init backbone (demo) needs ``allow_random``.
-
-    Raises:
-      NoWeightsError: the model records no weights file, none is given, and random weights are
-        not allowed.
-    """
-    path = weights_path or model.weights
-    if path is not None:
-        return Backbone(pipeline.load_backbone(path, model.config.arch), str(path), str(path), [])
-    if not allow_random:
-        raise NoWeightsError("this model was fitted with a random-init backbone (no weights file "
-                             "recorded); allow a random-init backbone to use it anyway, or give the "
-                             "backbone weights")
-    return random_backbone(model.config.arch, "the model was fitted with a random-init backbone")
 
 
 def load_result(path: Path) -> dict[str, Any]:
@@ -143,54 +64,19 @@ def settings(config: Config, weights_desc: str) -> dict[str, Any]:
     }
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=False), mode="w")
+class TestScores(NamedTuple):
+    """The test images scored, aligned: the ``items`` scored and their ``images`` (paths or
+    arrays), ``labels``, ``masks`` (None without ground truth), the scores, and per input
+    position the score or the skip reason (``rows`` of scores.csv)."""
 
+    __test__ = False  # not a pytest test class
 
-def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(buf.getvalue()), mode="w")
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.save(f, array))
-
-
-class Inputs(NamedTuple):
-    """One category's inputs: ``train`` and ``test`` as image paths (folder readers) or
-    preprocessed arrays (TFDS), the test ``items``, and their ``masks`` when already decoded."""
-
-    train: list
-    test: list
-    items: list[data.TestItem]
-    has_masks: bool
-    masks: np.ndarray | None = None
-
-
-def load_inputs(dataset: str, data_dir: str | Path | None, category: str, config: Config, *,
-                tfds_data_dir: str | None = None, tfds_manual_dir: str | None = None) -> Inputs:
-    """Reads a category from a folder layout (``mvtec``, ``btad``, ``folder``) or from a TFDS
-    builder (``tfds:mvtec_ad``, ``tfds:btad``), in the same order either way."""
-    if dataset.startswith("tfds:"):
-        from protoad_jax import tfds_builders
-
-        cat = tfds_builders.load_category(f"{dataset}/{category}", tfds_data_dir, manual_dir=tfds_manual_dir)
-        train, _ = tfds_builders.preprocess_split(cat.train, config.resize, config.image_size)
-        test, masks = tfds_builders.preprocess_split(cat.test, config.resize, config.image_size)
-        return Inputs(list(train), list(test), cat.test.items(), True, masks)
-    cat = data.read_dataset(dataset, data_dir, category)
-    return Inputs(cat.train, [it.path for it in cat.test], cat.test, cat.has_masks)
-
-
-def list_categories(dataset: str, data_dir: str | Path | None) -> list[str]:
-    if dataset.startswith("tfds:"):
-        from protoad_jax import tfds_builders
-
-        return tfds_builders.list_configs(dataset.removeprefix("tfds:"))
-    return data.list_categories(dataset, data_dir)
+    items: list[datasets.TestItem]
+    images: list
+    labels: np.ndarray
+    masks: np.ndarray | None
+    scored: pipeline.ScoredImages
+    rows: list[dict[str, Any]]
 
 
 def run_category(dataset: str, data_dir: str | Path | None, category: str, out_dir: Path, config: Config,
@@ -198,58 +84,76 @@ def run_category(dataset: str, data_dir: str | Path | None, category: str, out_d
                  skip_bad_images: bool = False, num_overlays: int = 4, progress: bool = True,
                  tfds_data_dir: str | None = None, tfds_manual_dir: str | None = None) -> dict[str, Any]:
     """Fits on ``train``, scores ``test``, measures, writes ``out_dir/<category>/...``; returns the row."""
-    inputs = load_inputs(dataset, data_dir, category, config, tfds_data_dir=tfds_data_dir,
-                         tfds_manual_dir=tfds_manual_dir)
+    inputs = datasets.load(dataset, data_dir, category, config, tfds_data_dir=tfds_data_dir,
+                           tfds_manual_dir=tfds_manual_dir)
     cat_dir = out_dir / category
     t0 = time.perf_counter()
     model = pipeline.fit(inputs.train, net.path, config=config, variables=net.variables,
                          batch_size=batch_size, progress=progress)
     model.save(cat_dir / "model.npz")
     t1 = time.perf_counter()
-    scored = pipeline.score_images(model, inputs.test, net.variables, batch_size=batch_size,
-                                   progress=progress, skip_bad=skip_bad_images)
+    test = score_test(model, inputs, net, batch_size=batch_size, progress=progress,
+                      skip_bad_images=skip_bad_images)
     t2 = time.perf_counter()
-    reasons = {s.path: s.reason for s in scored.skipped}
-    keep = [i for i, x in enumerate(inputs.test) if not isinstance(x, Path) or x not in reasons]
-    items = [inputs.items[i] for i in keep]
-    skipped = [str(s.path) for s in scored.skipped]
-    labels = np.array([it.label for it in items])
-    masks = None
-    if inputs.masks is not None:
-        masks = inputs.masks[keep]
-    elif inputs.has_masks:
-        masks = data.load_masks(items, config.resize, config.image_size)
-    else:
+    if test.masks is None:
         log.warning("%s: no ground_truth folder; pixel metrics are null", category)
-    measured = metrics.evaluate_with_curves(labels, scored.scores, masks, scored.maps)
-    values = measured.values
+    measured = metrics.evaluate_with_curves(test.labels, test.scored.scores, test.masks, test.scored.maps)
     t3 = time.perf_counter()
-
-    score_of = dict(zip(keep, scored.scores.tolist()))  # by position: TFDS names can repeat
-    rows = [{"path": str(it.path), "defect_type": it.defect_type, "label": it.label,
-             "status": "ok" if i in score_of else f"skipped: {reasons[it.path]}",
-             "score": score_of.get(i, "")} for i, it in enumerate(inputs.items)]
-    _write_csv(cat_dir / "scores.csv", SCORES_COLUMNS, rows)
-    if save_raw_maps:
-        for it, m in zip(items, scored.maps):
-            _save_npy(cat_dir / "maps" / it.defect_type / f"{it.path.stem}.npy", m.astype(np.float32))
-    images = [inputs.test[i] for i in keep]
-    overlays = _write_overlays(cat_dir, items, images, scored, masks, config, num_overlays)
-    plots = _write_plots(cat_dir, category, labels, scored.scores, measured, model.threshold)
-
     result = {
-        "category": category, **values,
+        "category": category, **measured.values,
         "image_f1_threshold": None if measured.image_f1 is None else measured.image_f1.threshold,
         "num_prototypes": model.num_prototypes,
-        "num_train": len(inputs.train), "num_test": len(items), "skipped_images": skipped,
+        "num_train": len(inputs.train), "num_test": len(test.items),
+        "skipped_images": [str(s.path) for s in test.scored.skipped],
         "seconds_features": model.info["seconds_features"],
         "seconds_clustering": model.info["seconds_clustering"],
         "seconds_fit_total": round(t1 - t0, 3), "seconds_scoring": round(t2 - t1, 3),
         "seconds_metrics": round(t3 - t2, 3), "backbone": net.description, "fit_info": model.info,
-        "overlays": overlays, "plots": plots,
     }
-    _write_json(cat_dir / "result.json", result)  # last: marks the category finished
+    result.update(write_category(cat_dir, category, test, measured, model, config,
+                                 save_raw_maps=save_raw_maps, num_overlays=num_overlays))
+    fileio.write_json(cat_dir / "result.json", result)  # last: marks the category finished
     return result
+
+
+def score_test(model: Model, inputs: datasets.Inputs, net: Backbone, *, batch_size: int = 8,
+               progress: bool = True, skip_bad_images: bool = False) -> TestScores:
+    """Scores a category's test images and aligns what was scored with its labels and masks
+    (images skipped as unreadable drop out of both; scores.csv keeps a row for each)."""
+    config = model.config
+    scored = pipeline.score_images(model, inputs.test, net.variables, batch_size=batch_size,
+                                   progress=progress, skip_bad=skip_bad_images)
+    reasons = {s.path: s.reason for s in scored.skipped}
+    keep = [i for i, x in enumerate(inputs.test) if not isinstance(x, Path) or x not in reasons]
+    items = [inputs.items[i] for i in keep]
+    masks = None
+    if inputs.masks is not None:
+        masks = inputs.masks[keep]
+    elif inputs.has_masks:
+        masks = input_pipeline.load_masks(items, config.resize, config.image_size)
+    score_of = dict(zip(keep, scored.scores.tolist()))  # by position: TFDS names can repeat
+    rows = [{"path": str(it.path), "defect_type": it.defect_type, "label": it.label,
+             "status": "ok" if i in score_of else f"skipped: {reasons[it.path]}",
+             "score": score_of.get(i, "")} for i, it in enumerate(inputs.items)]
+    return TestScores(items, [inputs.test[i] for i in keep], np.array([it.label for it in items]),
+                      masks, scored, rows)
+
+
+def write_category(cat_dir: Path, category: str, test: TestScores, measured: metrics.Evaluation,
+                   model: Model, config: Config, *, save_raw_maps: bool = False,
+                   num_overlays: int = 4) -> dict[str, list[str]]:
+    """Writes scores.csv, the raw maps (optional), overlays and plots of one category; returns
+    ``{"overlays": [...], "plots": [...]}`` (paths relative to ``cat_dir``)."""
+    fileio.write_csv(cat_dir / "scores.csv", SCORES_COLUMNS, test.rows)
+    if save_raw_maps:
+        for it, m in zip(test.items, test.scored.maps):
+            path = cat_dir / "maps" / it.defect_type / f"{it.path.stem}.npy"
+            fileio.atomic_write(path, lambda f, m=m: np.save(f, m.astype(np.float32)))
+    overlays = _write_overlays(cat_dir, test.items, test.images, test.scored, test.masks, config,
+                               num_overlays)
+    plots = _write_plots(cat_dir, category, test.labels, test.scored.scores, measured,
+                         model.threshold)
+    return {"overlays": overlays, "plots": plots}
 
 
 def _write_overlays(cat_dir: Path, items: list, images: list, scored: pipeline.ScoredImages,
@@ -263,7 +167,7 @@ def _write_overlays(cat_dir: Path, items: list, images: list, scored: pipeline.S
         it = items[i]
         image = images[i]
         if isinstance(image, Path):
-            image = data.preprocess_image(image, config.resize, config.image_size)
+            image = preprocess.preprocess_image(image, config.resize, config.image_size)
         title = f"{kind} anomalous #{rank % n + 1}: {it.defect_type}/{it.path.name} score {scored.scores[i]:.4f}"
         png = report.panel(image, scored.maps[i], None if masks is None else masks[i], title, vmin, vmax)
         rel = f"overlays/{kind}_{rank % n + 1:02d}_{it.defect_type}_{it.path.stem}.png"
@@ -313,8 +217,8 @@ def summarize(results: list[dict], out_dir: Path, run_settings: dict, warnings: 
         vals = [r[k] for r in results if r.get(k) is not None]
         mean[k] = float(np.mean(vals)) if vals else None
     summary = {"settings": run_settings, "warnings": warnings, "categories": results, "mean": mean}
-    _write_json(out_dir / "results.json", summary)
-    _write_csv(out_dir / "results.csv", CSV_COLUMNS, results + [mean])
+    fileio.write_json(out_dir / "results.json", summary)
+    fileio.write_csv(out_dir / "results.csv", CSV_COLUMNS, results + [mean])
     notes = warnings + [f"{k}: {v}" for k, v in run_settings.items() if k != "config"]
     galleries = []
     for r in results:

@@ -23,7 +23,6 @@ peak memory when this was measured (see the README, section "Export").
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -31,18 +30,19 @@ import re
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
 
-from protoad_jax import xla_cpu
+from protoad_jax import fileio, input_pipeline, xla_cpu
 from protoad_jax.config import IMAGENET_MEAN, IMAGENET_STD
-from protoad_jax.fileio import atomic_write_dir, json_default
+from protoad_jax.errors import InputError, SettingsError
 
 if TYPE_CHECKING:
+    from protoad_jax.config import Config
     from protoad_jax.model import Model
 
 ARTIFACT = "scorer.jaxexport"
@@ -55,7 +55,7 @@ PROTOTYPES = "prototypes"  # key of the prototypes in weights.npz
 BATCH_DIM = "b"  # name of the symbolic batch dimension
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """An export directory that cannot be written, read or trusted, or an input it cannot score.
 
     The message names the file and says how to fix it.
@@ -78,7 +78,7 @@ def _check_platforms(platforms: Sequence[str] | None) -> tuple[str, ...]:
     platforms = tuple(dict.fromkeys(platforms))
     bad = [p for p in platforms if p not in PLATFORMS]
     if bad or not platforms:
-        raise ValueError(f"platforms must be a non-empty subset of {PLATFORMS}; got {list(platforms)}")
+        raise SettingsError(f"platforms must be a non-empty subset of {PLATFORMS}; got {list(platforms)}")
     return platforms
 
 
@@ -99,38 +99,6 @@ def preprocessing(resize: int, crop: int) -> dict[str, Any]:
         "std": list(IMAGENET_STD),
         "formula": "(x / 255 - mean) / std per RGB channel, float32, HWC",
     }
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for key, value in tree.items():
-        if "/" in str(key):
-            raise ValueError(f"variable name {key!r} contains '/', which weights.npz uses as separator")
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "/"))
-        else:
-            out[name] = np.asarray(value)
-    return out
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for name, value in flat.items():
-        *path, leaf = name.split("/")
-        node = tree
-        for key in path:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _dims(shape: Sequence[Any]) -> list[int | str]:
@@ -158,7 +126,7 @@ def export_scorer(model: Model, variables: dict | None, output_dir: str | os.Pat
     Args:
       model: a fitted or loaded ``protoad_jax.Model``.
       variables: backbone variables, as ``make_scorer`` takes them (BatchNorm-folded when they
-        come from ``pipeline.load_backbone``); None loads them from ``model.weights``.
+        come from ``weights.load_backbone``); None loads them from ``model.weights``.
       output_dir: the directory to write. It must be new, empty, or an earlier export (which is
         replaced); on any error nothing is left there or next to it.
       platforms: any of ``"cpu"``, ``"cuda"``, ``"tpu"`` (lowered here; no accelerator needed);
@@ -179,14 +147,14 @@ def export_scorer(model: Model, variables: dict | None, output_dir: str | os.Pat
     platforms = _check_platforms(platforms)
     if batch_size is not None and (isinstance(batch_size, bool) or
                                    not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None (symbolic), got {batch_size!r}")
+        raise SettingsError(f"batch_size must be a positive integer or None (symbolic), got {batch_size!r}")
     out = Path(output_dir)
     _check_target(out)
     # Untuned: it is traced inside the jit below (compiler options belong to a top-level jit,
     # and an artifact carries none: its user's XLA compiles it).
     fn, variables, prototypes = pipeline.scoring_parts(model, variables, chunk_size=chunk_size,
                                                        tuned=False, caller="export_scorer")
-    arrays = _flatten(variables)
+    arrays = {k: np.asarray(v) for k, v in fileio.flatten_tree(variables).items()}
     if PROTOTYPES in arrays:
         raise ValueError(f"backbone variables must not have a top-level {PROTOTYPES!r} entry")
     arrays[PROTOTYPES] = np.asarray(prototypes, np.float32)
@@ -194,7 +162,7 @@ def export_scorer(model: Model, variables: dict | None, output_dir: str | os.Pat
     def scoring(weights: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         weights = dict(weights)
         protos = weights.pop(PROTOTYPES)
-        res = fn(_unflatten(weights), protos, images)
+        res = fn(fileio.unflatten_tree(weights), protos, images)
         return res.anomaly_map, res.score
 
     size = model.config.image_size
@@ -211,9 +179,9 @@ def export_scorer(model: Model, variables: dict | None, output_dir: str | os.Pat
             np.savez(f, **arrays)
         manifest = _manifest(model, exported, tmp, chunk_size=chunk_size,
                              folded="batch_stats" not in variables)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=json_default) + "\n")
+        fileio.write_json(tmp / MANIFEST, manifest)
 
-    atomic_write_dir(out, write, check=_check_target)
+    fileio.atomic_write_dir(out, write, check=_check_target)
     return out
 
 
@@ -227,9 +195,9 @@ def _manifest(model: Model, exported: jax_export.Exported, folder: Path, *, chun
         "format_version": FORMAT_VERSION,
         "files": {
             "artifact": {"name": ARTIFACT, "bytes": (folder / ARTIFACT).stat().st_size,
-                         "sha256": _sha256(folder / ARTIFACT)},
+                         "sha256": fileio.sha256_file(folder / ARTIFACT)},
             "weights": {"name": WEIGHTS, "bytes": (folder / WEIGHTS).stat().st_size,
-                        "sha256": _sha256(folder / WEIGHTS)},
+                        "sha256": fileio.sha256_file(folder / WEIGHTS)},
         },
         "call": "jax.export.deserialize(bytearray(<scorer.jaxexport bytes>)).call(weights, images) "
                 "with weights = dict(np.load('weights.npz')) and images as `input`; returns "
@@ -328,6 +296,21 @@ def _read_manifest(folder: Path, fix: str) -> dict[str, Any]:
     return manifest
 
 
+def manifest_config(manifest: dict[str, Any]) -> Config:
+    """The ``Config`` a manifest records.
+
+    Raises:
+      ExportError: the manifest's config is not a mapping of ``Config`` fields.
+    """
+    from protoad_jax.config import Config
+
+    try:
+        return Config(**manifest["config"])
+    except (KeyError, TypeError, InputError) as e:
+        raise ExportError(f"the manifest's config entry is not a protoad_jax Config ({e}); it was "
+                          "edited or written by another tool; re-export the scorer") from e
+
+
 def _check_file(folder: Path, entry: dict[str, Any], fix: str) -> Path:
     path = folder / entry["name"]
     if entry["name"] not in (ARTIFACT, WEIGHTS):
@@ -339,7 +322,7 @@ def _check_file(folder: Path, entry: dict[str, Any], fix: str) -> Path:
     if size != entry["bytes"]:
         raise ExportError(f"{path} is {size} bytes but {MANIFEST} says {entry['bytes']}: the file was "
                           f"truncated or replaced; {fix}")
-    digest = _sha256(path)
+    digest = fileio.sha256_file(path)
     if digest != entry["sha256"]:
         raise ExportError(f"{path} has sha256 {digest} but {MANIFEST} says {entry['sha256']}: the file "
                           f"was edited or replaced; {fix}")
@@ -453,61 +436,32 @@ def load_exported(directory: str | os.PathLike) -> tuple[Callable[[Any], tuple[j
     # bits. Inside a user's jit the outer jit's options apply (JAX takes them on top-level only).
     call = jax.jit(exported.call, compiler_options=xla_cpu.compiler_options())
     traced_call = jax.jit(exported.call)
+    image_size = int(image_aval.shape[1])
+    fixed = image_aval.shape[0] if isinstance(image_aval.shape[0], (int, np.integer)) else None
 
     def scorer(images: Any) -> tuple[jax.Array, jax.Array]:
-        _check_images(images, image_aval, artifact)
+        input_pipeline.check_images(images, image_size, batch_size=fixed, owner=str(artifact),
+                                    error=ExportError)
         return (traced_call if isinstance(images, jax.core.Tracer) else call)(weights, images)
 
     return scorer, manifest
 
 
-def _check_images(images: Any, aval: Any, artifact: Path) -> None:
-    want = _dims(aval.shape)
-    shape, dtype = tuple(np.shape(images)), getattr(images, "dtype", None)
-    batch_ok = len(shape) == 4 and shape[0] >= 1 and (isinstance(want[0], str) or shape[0] == want[0])
-    if not batch_ok or list(shape[1:]) != want[1:]:
-        hint = "" if isinstance(want[0], str) else " (this artifact has a fixed batch: pad the batch, " \
-            "or re-export with a symbolic batch, the default)"
-        raise ExportError(f"{artifact} scores images of shape {want} (NHWC, preprocessed with "
-                          f"protoad_jax.preprocess_image as manifest.json says); got shape "
-                          f"{list(shape)}{hint}")
-    if dtype != aval.dtype:
-        raise ExportError(f"{artifact} scores {aval.dtype} images; got dtype {dtype}. Use "
-                          "protoad_jax.preprocess_image, which returns float32.")
-    if isinstance(images, jax.core.Tracer):
-        return
-    if not bool(jnp.isfinite(images).all() if isinstance(images, jax.Array) else np.isfinite(images).all()):
-        raise ExportError(f"images given to {artifact} contain NaN or inf pixels; check the decoding "
-                          "and normalisation")
-
-
 # ----------------------------------------------------------------------------- files
 
 
-class ScoredFiles(NamedTuple):
-    """``maps`` ``[n, s, s]``, ``scores`` ``[n]``, the ``n`` image files scored, in order, and the
-    files ``skipped`` as unreadable (``data.SkippedImage``; with ``skip_bad``)."""
-
-    maps: np.ndarray
-    scores: np.ndarray
-    inputs: list[Path]
-    skipped: list
-
-
 def score_files(scorer: Callable, manifest: dict[str, Any], paths: Sequence[str | os.PathLike], *,
-                batch_size: int = 8, progress: bool = True, skip_bad: bool = False) -> ScoredFiles:
+                batch_size: int = 8, progress: bool = True, skip_bad: bool = False
+                ) -> input_pipeline.ScoredImages:
     """Decodes and preprocesses image files as ``manifest`` says and scores them with ``scorer``
     (from ``load_exported``), in batches of ``batch_size`` (the artifact's when it is fixed); the
-    last batch is zero-padded so each batch size compiles once.
+    last batch is zero-padded so each batch size compiles once. ``patch_maps`` is None: the
+    artifact returns maps and scores only.
 
     Raises:
-      ExportError: the manifest asks for a preprocessing other than ``preprocess_image``'s; no
-        image was scored.
-      data.BadImageError: an undecodable file (unless ``skip_bad``).
+      ExportError: the manifest asks for a preprocessing other than ``preprocess_image``'s.
+      BadImageError: an undecodable file (unless ``skip_bad``), or every file was.
     """
-    from protoad_jax import data
-    from protoad_jax.progress import Progress
-
     pre = manifest["preprocessing"]
     try:
         ours = preprocessing(pre["resize"], pre["crop"])
@@ -520,16 +474,6 @@ def score_files(scorer: Callable, manifest: dict[str, Any], paths: Sequence[str 
                           "and call the scorer directly")
     fixed = manifest["input"]["shape"][0]
     batch_size = fixed if isinstance(fixed, int) else batch_size
-    maps, scores, inputs = [], [], []
-    stream = data.batched(paths, batch_size, pre["resize"], pre["crop"], skip_bad=skip_bad)
-    with Progress("scoring", len(paths), "img", progress) as bar:
-        for batch in stream:
-            n = batch.num_valid
-            m, s = jax.device_get(scorer(batch.images))
-            maps.append(m[:n])
-            scores.append(s[:n])
-            inputs += batch.paths
-            bar.update(n)
-    if not inputs:
-        raise ExportError("no images were scored (none given, or every image was skipped as unreadable)")
-    return ScoredFiles(np.concatenate(maps), np.concatenate(scores), inputs, stream.skipped)
+    (maps, scores), inputs, skipped = input_pipeline.score_batches(
+        scorer, paths, batch_size, pre["resize"], pre["crop"], progress=progress, skip_bad=skip_bad)
+    return input_pipeline.ScoredImages(maps, scores, None, inputs, skipped)

@@ -1,12 +1,16 @@
-"""Atomic writes of files and directories (nothing is ever left half-written), and the JSON
-encoding of the NumPy scalars and paths the written metadata holds."""
+"""Files written safely and read back: atomic writes of files and directories (nothing is ever
+left half-written), JSON and CSV tables, sha256, and ``/``-keyed ``.npz`` trees."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +82,61 @@ def json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """``obj`` as indented JSON (NumPy scalars as numbers, paths as strings), atomically."""
+    text = json.dumps(obj, indent=2, default=json_default) + "\n"
+    return atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def write_csv(path: str | os.PathLike, columns: Iterable[str], rows: Iterable[Mapping]) -> Path:
+    """A CSV with a header of ``columns`` and one line per row (keys not in ``columns`` are
+    ignored, missing ones empty), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()), mode="w")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def flatten_tree(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
+    """A nested dict of arrays as ``{"a/b/c": array}``: the keys of a ``.npz`` of variables.
+
+    Raises:
+      ValueError: a key contains ``/``.
+    """
+    out = {}
+    for key, value in tree.items():
+        if "/" in str(key):
+            raise ValueError(f"variable name {key!r} contains '/', which the .npz keys use as separator")
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_tree(value, name + "/"))
+        else:
+            out[name] = value
+    return out
+
+
+def unflatten_tree(flat: Mapping[str, Any]) -> dict:
+    """The inverse of ``flatten_tree``."""
+    tree: dict = {}
+    for name, value in flat.items():
+        *path, leaf = name.split("/")
+        node = tree
+        for key in path:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
 
 
 def _umask() -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from protoad_jax.config import EMBED_CHANNELS, Config
+from protoad_jax.errors import InputError
 from protoad_jax.fileio import atomic_write, json_default
 
 FORMAT_VERSION = 1
@@ -75,66 +76,74 @@ class Model:
         return path
 
 
+class ModelFileError(InputError):
+    """A model file is missing, truncated, not a protoad_jax model, or of another format version."""
+
+
+class PrototypesError(InputError):
+    """Prototypes that are not ``[k >= 1, 1792]`` finite floats."""
+
+
 def load_model(path: str | os.PathLike) -> Model:
     """Reads a model written by ``Model.save``.
 
     Raises:
-      FileNotFoundError: no such file.
-      ValueError: the file is truncated or not a protoad_jax model, or of another format version.
+      ModelFileError: no such file; the file is truncated, not a protoad_jax model, or of
+        another format version (the message names the file and the fix).
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model file {path} does not exist; fit one with protoad_jax.fit() "
-                                "or scripts/evaluate.py (it writes <output_dir>/<category>/model.npz)")
+        raise ModelFileError(f"model file {path} does not exist; fit one with protoad_jax.fit() "
+                                "or `protoad evaluate` (it writes <output_dir>/<category>/model.npz)")
     try:
         with np.load(path, allow_pickle=False) as z:
             contents = {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"model file {path} is truncated or not an .npz written by protoad_jax "
+        raise ModelFileError(f"model file {path} is truncated or not an .npz written by protoad_jax "
                          f"({type(e).__name__}: {e}); re-create it with Model.save()") from e
     missing = sorted(set(MODEL_KEYS) - set(contents))
     if missing:
-        raise ValueError(f"{path} is not a protoad_jax model file: missing {missing} "
+        raise ModelFileError(f"{path} is not a protoad_jax model file: missing {missing} "
                          f"(found {sorted(contents)}; expected {list(MODEL_KEYS)})")
     fv = contents["format_version"]
     if fv.shape != () or not np.issubdtype(fv.dtype, np.integer):
-        raise ValueError(f"model file {path}: format_version must be an integer scalar, got "
+        raise ModelFileError(f"model file {path}: format_version must be an integer scalar, got "
                          f"{fv.dtype} of shape {fv.shape}")
     version = int(fv)
     if version != FORMAT_VERSION:
-        raise ValueError(f"model file {path} has format version {version}; this protoad_jax reads "
+        raise ModelFileError(f"model file {path} has format version {version}; this protoad_jax reads "
                          f"version {FORMAT_VERSION}. Refit the model with this version.")
     try:
         meta = json.loads(str(contents["meta"]))
         config = Config.from_json(str(contents["config"]))
     except (ValueError, TypeError) as e:
-        raise ValueError(f"model file {path} has an unreadable config or meta entry "
+        raise ModelFileError(f"model file {path} has an unreadable config or meta entry "
                          f"({type(e).__name__}: {e}); re-create it with Model.save()") from e
     if not isinstance(meta, dict):
         msg = (f"model file {path}: meta is a JSON {type(meta).__name__}, expected an object; "
                "re-create it with Model.save()")
-        raise ValueError(msg)  # noqa: TRY004 - a malformed file, like every other file problem
+        raise ModelFileError(msg)
     prototypes = contents["prototypes"]
     if prototypes.dtype != np.float32:
-        raise ValueError(f"model file {path}: prototypes must be float32, got {prototypes.dtype}")
+        raise ModelFileError(f"model file {path}: prototypes must be float32, got {prototypes.dtype}")
     check_prototypes(prototypes, f"model file {path}")
     return Model(prototypes, config, meta.get("weights"), meta.get("threshold"), meta.get("info", {}))
 
 
 def check_prototypes(prototypes: Any, what: str) -> None:
-    """Raises ValueError unless ``prototypes`` is ``[k >= 1, EMBED_CHANNELS]`` of finite floats."""
+    """Raises ``PrototypesError`` unless ``prototypes`` is ``[k >= 1, EMBED_CHANNELS]`` of finite floats."""
     shape = tuple(np.shape(prototypes))
     if len(shape) != 2 or shape[1] != EMBED_CHANNELS:
-        raise ValueError(f"{what}: prototypes must be [k, {EMBED_CHANNELS}] (one row per prototype, "
+        raise PrototypesError(f"{what}: prototypes must be [k, {EMBED_CHANNELS}] (one row per prototype, "
                          f"{EMBED_CHANNELS} = layer1+2+3 channels); got shape {shape}")
     if shape[0] < 1:
-        raise ValueError(f"{what}: prototypes are empty (k = 0, shape {shape}); a model needs at "
+        raise PrototypesError(f"{what}: prototypes are empty (k = 0, shape {shape}); a model needs at "
                          "least one prototype")
     p = np.asarray(prototypes)
     if not np.issubdtype(p.dtype, np.floating):
-        raise ValueError(f"{what}: prototypes must be floating point, got {p.dtype}")
+        raise PrototypesError(f"{what}: prototypes must be floating point, got {p.dtype}")
     finite = np.isfinite(p).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
-        raise ValueError(f"{what}: {bad.size} of {shape[0]} prototypes contain NaN or inf "
+        raise PrototypesError(f"{what}: {bad.size} of {shape[0]} prototypes contain NaN or inf "
                          f"(rows {bad[:5].tolist()})")

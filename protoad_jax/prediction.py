@@ -19,9 +19,6 @@ An image is anomalous when its score is above the threshold.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,8 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from protoad_jax import data, regions, report
-from protoad_jax.fileio import atomic_write
+from protoad_jax import fileio, preprocess, regions, report
 from protoad_jax.pipeline import ScoredImages
 
 CSV_COLUMNS = ("path", "status", "score", "anomalous", "regions")
@@ -60,6 +56,12 @@ class Prediction(NamedTuple):
         if self.score is None:
             return f"{self.status}  {self.path}"
         return f"{self.score:.6f}  {self.anomalous:7s}  {self.path}"
+
+    def csv_row(self) -> dict[str, str]:
+        """The predictions.csv row (``CSV_COLUMNS``)."""
+        return {"path": str(self.path), "status": self.status,
+                "score": "" if self.score is None else f"{self.score:.6f}",
+                "anomalous": self.anomalous, "regions": "" if self.regions is None else str(self.regions)}
 
 
 class Summary(NamedTuple):
@@ -132,23 +134,22 @@ def write_predictions(out_dir: str | os.PathLike, paths: Sequence[str | os.PathL
         outlined = None
         n_regions = None
         if decision == "yes":
-            res = regions.find_regions(m, threshold, *data.image_size(p), resize, crop)
+            res = regions.find_regions(m, threshold, *preprocess.image_size(p), resize, crop)
             mask_rel = f"masks/{name}.png"
             mask_png = Image.fromarray(res.mask.astype(np.uint8) * 255, "L")
             report.save_png(mask_png, out / mask_rel)
             found.append(_image_entry(p, score, threshold, res, mask_rel))
-            outlined = data.preprocess_mask(mask_png, resize, crop)
+            outlined = preprocess.preprocess_mask(mask_png, resize, crop)
             n_regions = len(res.regions)
         title = f"{p.name} score {score:.4f}" + (
             "" if threshold is None else f" ({decision}, t={threshold:.4f}"
             + ("" if n_regions is None else f", {n_regions} regions") + ")")
-        image = data.preprocess_image(p, resize, crop)
+        image = preprocess.preprocess_image(p, resize, crop)
         report.save_png(report.panel(image, m, None, title, vmin, vmax, regions=outlined),
                         out / "overlays" / f"{name}.png")
         rows.append(Prediction(p, "ok", score, decision, n_regions))
-    _write_csv(out / "predictions.csv", rows)
-    doc = {"threshold": threshold, **REGIONS_NOTES, "images": found}
-    atomic_write(out / "regions.json", lambda f: json.dump(doc, f, indent=2), mode="w")
+    fileio.write_csv(out / "predictions.csv", CSV_COLUMNS, [r.csv_row() for r in rows])
+    fileio.write_json(out / "regions.json", {"threshold": threshold, **REGIONS_NOTES, "images": found})
     return Summary(rows, threshold)
 
 
@@ -161,13 +162,3 @@ def _image_entry(path: Path, score: float, threshold: float, res: regions.ImageR
         "regions": [{"area": r.area, "box": list(r.box), "peak": round(r.peak, 6),
                      "centroid": [round(c, 2) for c in r.centroid]} for r in res.regions],
     }
-
-
-def _write_csv(path: Path, rows: list[Prediction]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for r in rows:
-        writer.writerow([str(r.path), r.status, "" if r.score is None else f"{r.score:.6f}",
-                         r.anomalous, "" if r.regions is None else r.regions])
-    atomic_write(path, lambda f: f.write(buf.getvalue()), mode="w")

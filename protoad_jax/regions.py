@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from protoad_jax import data
+from protoad_jax import preprocess
 
 EIGHT_CONNECTED = np.ones((3, 3), bool)
 
@@ -64,7 +64,7 @@ class CropWindow(NamedTuple):
 
 
 def crop_window(width: int, height: int, resize: int = 256, crop: int = 224) -> CropWindow:
-    """The geometry of ``data.preprocess_image`` on a ``width x height`` image.
+    """The geometry of ``preprocess.preprocess_image`` on a ``width x height`` image.
 
     Raises:
       ValueError: a size is not a positive integer, or the crop does not fit.
@@ -72,8 +72,8 @@ def crop_window(width: int, height: int, resize: int = 256, crop: int = 224) -> 
     for name, v in (("width", width), ("height", height)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"image {name} must be a positive integer, got {v!r}")
-    rw, rh = data.resized_size(int(width), int(height), resize)
-    left, top, _, _ = data.crop_box(rw, rh, crop)
+    rw, rh = preprocess.resized_size(int(width), int(height), resize)
+    left, top, _, _ = preprocess.crop_box(rw, rh, crop)
     return CropWindow(int(width), int(height), rw, rh, left, top, crop)
 
 

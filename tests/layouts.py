@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from protoad_jax import demo
+from protoad_jax.datasets import demo
 
 
 def _save(array: np.ndarray, path: Path, fmt: str) -> None:

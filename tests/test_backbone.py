@@ -8,7 +8,7 @@ from flax import traverse_util
 from oracles import random_torchvision_model, state_dict_numpy, torch_stage_features
 
 from protoad_jax import backbone
-from protoad_jax.torch_weights import to_flax
+from protoad_jax.weights import to_flax
 
 STAGE_PAIRS = (("stem", "relu"), ("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3"))
 REL_TOL = 1e-4  # max |jax - torch| must stay below REL_TOL * max |torch activation| per stage

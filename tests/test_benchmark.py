@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from absl import flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 from bench import cluster, harness
 
-from protoad_jax import finch
+from protoad_jax.clustering import finch
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protoad_jax import coreset
+from protoad_jax.clustering import coreset
 
 
 def numpy_greedy(p: np.ndarray, start: np.ndarray, budget: int) -> list[int]:

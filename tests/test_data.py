@@ -14,7 +14,8 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 from torchvision import transforms as T
 
-from protoad_jax import data, demo
+from protoad_jax import datasets, errors, input_pipeline, preprocess
+from protoad_jax.datasets import demo
 from protoad_jax.config import IMAGENET_MEAN, IMAGENET_STD
 
 TOL = 1e-6
@@ -72,7 +73,7 @@ def _image_cases(tmp: Path) -> dict[str, Path]:
 
 def test_preprocess_image_matches_torchvision(tmp_path):
     for name, path in _image_cases(tmp_path).items():
-        got = data.preprocess_image(path)
+        got = preprocess.preprocess_image(path)
         want = torchvision_image(path)
         err = float(np.abs(got - want).max())
         print(f"preprocess_image vs torchvision [{name}] {Image.open(path).size}: "
@@ -81,18 +82,18 @@ def test_preprocess_image_matches_torchvision(tmp_path):
         assert err <= TOL, f"{name}: max abs error {err} > tolerance {TOL}"
     # A PIL image goes through the same path as a file.
     pil = Image.open(tmp_path / "rgba.png")
-    np.testing.assert_array_equal(data.preprocess_image(pil),
-                                  data.preprocess_image(tmp_path / "rgba.png"))
+    np.testing.assert_array_equal(preprocess.preprocess_image(pil),
+                                  preprocess.preprocess_image(tmp_path / "rgba.png"))
 
 
 def test_crop_rounding_is_torchvision_half_to_even():
     # (width, height) after resize -> offsets; the .5 cases tell round() from floor and half-up.
-    assert data.crop_box(297, 256, 224) == (36, 16, 260, 240)
-    assert data.crop_box(299, 256, 224) == (38, 16, 262, 240)
-    assert data.resized_size(640, 427, 256) == (383, 256)  # int(256 * 640 / 427) = 383.7 -> 383
-    assert data.resized_size(427, 640, 256) == (256, 383)
+    assert preprocess.crop_box(297, 256, 224) == (36, 16, 260, 240)
+    assert preprocess.crop_box(299, 256, 224) == (38, 16, 262, 240)
+    assert preprocess.resized_size(640, 427, 256) == (383, 256)  # int(256 * 640 / 427) = 383.7 -> 383
+    assert preprocess.resized_size(427, 640, 256) == (256, 383)
     with pytest.raises(ValueError, match="crop"):
-        data.preprocess_image(Image.fromarray(china()), resize=200, crop=224)
+        preprocess.preprocess_image(Image.fromarray(china()), resize=200, crop=224)
 
 
 def test_preprocess_image_16bit_grayscale_is_rescaled(tmp_path):
@@ -102,7 +103,7 @@ def test_preprocess_image_16bit_grayscale_is_rescaled(tmp_path):
     path = save(wide, tmp_path / "wide.png")
     assert Image.open(path).mode.startswith("I")
     eight = save(np.rint(wide / 257.0).astype(np.uint8), tmp_path / "eight.png")
-    got, want = data.preprocess_image(path, 64, 56), torchvision_image(eight, 64, 56)
+    got, want = preprocess.preprocess_image(path, 64, 56), torchvision_image(eight, 64, 56)
     err = float(np.abs(got - want).max())
     print(f"16-bit grayscale vs torchvision on the rescaled 8-bit image: max abs err {err:.3g}")
     assert err <= TOL, f"max abs error {err} > tolerance {TOL}"
@@ -114,7 +115,7 @@ def test_preprocess_mask_matches_torchvision(tmp_path):
         blobs = np.kron(rng.random((h // 7 + 1, w // 7 + 1)) > 0.7, np.ones((7, 7), bool))[:h, :w]
         mask = np.where(blobs | (rng.random((h, w)) > 0.97), 255, 0).astype(np.uint8)
         path = save(mask, tmp_path / f"mask_{w}x{h}.png")
-        got, want = data.preprocess_mask(path), torchvision_mask(path)
+        got, want = preprocess.preprocess_mask(path), torchvision_mask(path)
         mismatched = int((got != want).sum())
         print(f"preprocess_mask vs torchvision NEAREST {w}x{h}: {mismatched} mismatched pixels, "
               f"{int(want.sum())} positive")
@@ -123,16 +124,16 @@ def test_preprocess_mask_matches_torchvision(tmp_path):
     # An RGB mask with a faint non-zero channel still counts as anomalous.
     rgb = np.zeros((256, 256, 3), np.uint8)
     rgb[100:120, 100:120, 2] = 1
-    assert data.preprocess_mask(save(rgb, tmp_path / "rgb_mask.png")).sum() == 400
+    assert preprocess.preprocess_mask(save(rgb, tmp_path / "rgb_mask.png")).sum() == 400
 
 
 def test_check_mask_matches(tmp_path):
     img = save(china()[:200, :300], tmp_path / "img.png")
     good = save(np.zeros((200, 300), np.uint8), tmp_path / "good_mask.png")
     bad = save(np.zeros((210, 300), np.uint8), tmp_path / "bad_mask.png")
-    data.check_mask_matches(img, good)
-    with pytest.raises(data.DatasetError) as e:
-        data.check_mask_matches(img, bad)
+    input_pipeline.check_mask_matches(img, good)
+    with pytest.raises(errors.DatasetError) as e:
+        input_pipeline.check_mask_matches(img, bad)
     msg = str(e.value)
     print("size mismatch error:", msg)
     assert str(img) in msg and str(bad) in msg and "300x210" in msg and "300x200" in msg
@@ -145,8 +146,8 @@ def test_bad_image_errors_name_the_file(tmp_path):
     save(china(), tmp_path / "full.png")
     truncated.write_bytes((tmp_path / "full.png").read_bytes()[:5000])
     for path in (corrupt, truncated, tmp_path / "missing.png"):
-        with pytest.raises(data.BadImageError) as e:
-            data.preprocess_image(path)
+        with pytest.raises(errors.BadImageError) as e:
+            preprocess.preprocess_image(path)
         print("bad image error:", e.value, "| reason:", e.value.reason)
         assert str(path) in str(e.value) and "Remove or replace the file" in str(e.value)
         assert "--" not in str(e.value), "library errors do not name command-line flags"
@@ -184,7 +185,7 @@ def _mvtec(root: Path, category: str = "bottle") -> Path:
 
 def test_read_mvtec(tmp_path):
     root = _mvtec(tmp_path)
-    c = data.read_mvtec(root, "bottle")
+    c = datasets.read_mvtec(root, "bottle")
     assert c.name == "bottle" and c.has_masks
     assert [p.name for p in c.train] == ["001.png", "002.png", "010.png"]
     got = [(t.defect_type, t.path.name, t.label, t.mask_path and t.mask_path.name) for t in c.test]
@@ -193,31 +194,31 @@ def test_read_mvtec(tmp_path):
                    ("scratch", "000.png", 1, "000_mask.png"),
                    ("scratch", "001.png", 1, "001_mask.png")]
     assert all(t.mask_path.parent.name == t.defect_type for t in c.test if t.label)
-    assert data.read_mvtec(root, "bottle") == c  # deterministic
-    assert data.list_categories("mvtec", root) == ["bottle"]
-    masks = data.load_masks(c.test, resize=12, crop=10, num_threads=2)
+    assert datasets.read_mvtec(root, "bottle") == c  # deterministic
+    assert datasets.list_categories("mvtec", root) == ["bottle"]
+    masks = input_pipeline.load_masks(c.test, resize=12, crop=10, num_threads=2)
     assert masks.shape == (5, 10, 10) and not masks[2].any() and masks[0].any()
 
 
 def test_read_mvtec_errors(tmp_path, caplog):
     root = _mvtec(tmp_path)
-    with pytest.raises(data.DatasetError) as e:
-        data.read_mvtec(root, "botle")
+    with pytest.raises(errors.DatasetError) as e:
+        datasets.read_mvtec(root, "botle")
     print("unknown category:", e.value)
     msg = str(e.value)
     assert "'botle'" in msg and "['bottle']" in msg and "metal_nut" in msg
 
     empty = root / "cable" / "train" / "good"
     empty.mkdir(parents=True)
-    with pytest.raises(data.DatasetError) as e:
-        data.read_mvtec(root, "cable")
+    with pytest.raises(errors.DatasetError) as e:
+        datasets.read_mvtec(root, "cable")
     print("empty train:", e.value)
     assert str(empty) in str(e.value)
 
     missing = root / "bottle" / "ground_truth" / "crack" / "001_mask.png"
     missing.unlink()
-    with pytest.raises(data.DatasetError) as e:
-        data.read_mvtec(root, "bottle")
+    with pytest.raises(errors.DatasetError) as e:
+        datasets.read_mvtec(root, "bottle")
     print("missing mask:", e.value)
     assert str(missing) in str(e.value)
     assert str(root / "bottle" / "test" / "crack" / "001.png") in str(e.value)
@@ -226,7 +227,7 @@ def test_read_mvtec_errors(tmp_path, caplog):
         p.unlink() if p.is_file() else p.rmdir()
     (root / "bottle" / "ground_truth").rmdir()
     with caplog.at_level(logging.WARNING, logger="protoad_jax.data"):
-        c = data.read_mvtec(root, "bottle")
+        c = datasets.read_mvtec(root, "bottle")
     assert not c.has_masks and all(t.mask_path is None for t in c.test)
     assert "pixel metrics will be null" in caplog.text and "ground_truth" in caplog.text
 
@@ -234,8 +235,8 @@ def test_read_mvtec_errors(tmp_path, caplog):
 def test_check_mask_size_in_load_masks(tmp_path):
     root = _mvtec(tmp_path)
     _tiny_mask(root / "bottle" / "ground_truth" / "scratch" / "000_mask.png", size=(11, 10))
-    with pytest.raises(data.DatasetError, match="000_mask.png"):
-        data.load_masks(data.read_mvtec(root, "bottle").test, resize=12, crop=10)
+    with pytest.raises(errors.DatasetError, match="000_mask.png"):
+        input_pipeline.load_masks(datasets.read_mvtec(root, "bottle").test, resize=12, crop=10)
 
 
 def test_read_btad(tmp_path):
@@ -243,16 +244,16 @@ def test_read_btad(tmp_path):
     # A .png image with a .bmp mask, as in BTAD category 03's mix.
     _tiny(root / "01" / "test" / "ko" / "0100.png", 3, size=(64, 64))
     _tiny_mask(root / "01" / "ground_truth" / "ko" / "0100.bmp", size=(64, 64))
-    c = data.read_btad(root, "01")
+    c = datasets.read_btad(root, "01")
     assert [p.name for p in c.train] == ["0000.bmp", "0001.bmp", "0002.bmp"]
     got = [(t.defect_type, t.path.name, t.label, t.mask_path and t.mask_path.name) for t in c.test]
     assert got == [("ko", "0000.bmp", 1, "0000.png"), ("ko", "0001.bmp", 1, "0001.png"),
                    ("ko", "0002.bmp", 1, "0002.png"), ("ko", "0100.png", 1, "0100.bmp"),
                    ("ok", "0000.bmp", 0, None), ("ok", "0001.bmp", 0, None)]
-    masks = data.load_masks(c.test, resize=64, crop=64)
+    masks = input_pipeline.load_masks(c.test, resize=64, crop=64)
     assert all(masks[i].any() for i in range(4)) and not masks[4:].any()
-    with pytest.raises(data.DatasetError, match="'02' not found.*'01'.*'03'"):
-        data.read_btad(root, "02")
+    with pytest.raises(errors.DatasetError, match="'02' not found.*'01'.*'03'"):
+        datasets.read_btad(root, "02")
 
 
 def test_read_folder(tmp_path):
@@ -264,21 +265,21 @@ def test_read_folder(tmp_path):
     _tiny(root / "test" / "dent" / "z.png", 4)
     _tiny_mask(root / "ground_truth" / "dent" / "y_mask.png")
     _tiny_mask(root / "ground_truth" / "dent" / "z.png")
-    c = data.read_folder(root)
+    c = datasets.read_folder(root)
     assert c.name == "my_parts" and c.has_masks
     assert [p.name for p in c.train] == ["a.png", "b.jpg", "c.bmp"]
     got = [(t.defect_type, t.path.name, t.label, t.mask_path and t.mask_path.name) for t in c.test]
     assert got == [("dent", "y.png", 1, "y_mask.png"), ("dent", "z.png", 1, "z.png"),
                    ("normal", "x.png", 0, None)]
-    assert data.list_categories("folder", root) == ["my_parts"]
+    assert datasets.list_categories("folder", root) == ["my_parts"]
     (root / "ground_truth" / "dent" / "z.png").unlink()
-    with pytest.raises(data.DatasetError, match="z_mask.png"):
-        data.read_folder(root)
-    with pytest.raises(data.DatasetError, match="nowhere.* does not exist"):
-        data.read_folder(tmp_path / "nowhere")
+    with pytest.raises(errors.DatasetError, match="z_mask.png"):
+        datasets.read_folder(root)
+    with pytest.raises(errors.DatasetError, match="nowhere.* does not exist"):
+        datasets.read_folder(tmp_path / "nowhere")
     _tiny(root / "test" / "loose.png", 5)
-    with pytest.raises(data.DatasetError, match="loose.png"):
-        data.read_folder(root)
+    with pytest.raises(errors.DatasetError, match="loose.png"):
+        datasets.read_folder(root)
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -295,8 +296,8 @@ def _stream_files(tmp: Path, n: int) -> list[Path]:
 
 def test_batched_order_padding_and_skip(tmp_path):
     paths = _stream_files(tmp_path, 11)
-    want = np.stack([data.preprocess_image(p, 32, 28) for p in paths])
-    batches = list(data.batched(paths, 4, resize=32, crop=28, num_threads=3, prefetch=5))
+    want = np.stack([preprocess.preprocess_image(p, 32, 28) for p in paths])
+    batches = list(input_pipeline.batched(paths, 4, resize=32, crop=28, num_threads=3, prefetch=5))
     assert [b.images.shape for b in batches] == [(4, 28, 28, 3)] * 3
     assert [b.num_valid for b in batches] == [4, 4, 3]
     assert [p for b in batches for p in b.paths] == paths
@@ -305,7 +306,7 @@ def test_batched_order_padding_and_skip(tmp_path):
     print(f"batched (3 threads) vs sequential preprocess_image: max abs err {err}")
     assert err == 0.0, f"threaded batches differ from sequential decoding by {err} (tolerance 0)"
     assert not batches[-1].images[3:].any(), "padding rows must be zero"
-    unpadded = list(data.batched(paths, 4, resize=32, crop=28, num_threads=2, pad=False))
+    unpadded = list(input_pipeline.batched(paths, 4, resize=32, crop=28, num_threads=2, pad=False))
     assert unpadded[-1].images.shape == (3, 28, 28, 3)
     _, names = batches[0]  # unpacks as (images, paths)
     assert names == paths[:4]
@@ -313,9 +314,9 @@ def test_batched_order_padding_and_skip(tmp_path):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n broken")
     mixed = paths[:5] + [corrupt] + paths[5:9] + [tmp_path / "gone.png"]
-    with pytest.raises(data.BadImageError, match="corrupt.png"):
-        list(data.batched(mixed, 4, resize=32, crop=28, num_threads=3))
-    stream = data.batched(mixed, 4, resize=32, crop=28, num_threads=3, skip_bad=True)
+    with pytest.raises(errors.BadImageError, match="corrupt.png"):
+        list(input_pipeline.batched(mixed, 4, resize=32, crop=28, num_threads=3))
+    stream = input_pipeline.batched(mixed, 4, resize=32, crop=28, num_threads=3, skip_bad=True)
     batches = list(stream)
     assert [s.path for s in stream.skipped] == [corrupt, tmp_path / "gone.png"]
     assert stream.skipped[1].reason == "file does not exist", stream.skipped
@@ -328,11 +329,11 @@ def test_batched_order_padding_and_skip(tmp_path):
 
 def test_pad_to():
     x = np.random.default_rng(4).random((3, 2, 2)).astype(np.float32)
-    y = data.pad_to(x, 5)
+    y = input_pipeline.pad_to(x, 5)
     assert y.shape == (5, 2, 2) and (y[:3] == x).all() and not y[3:].any()
-    assert data.pad_to(x, 3) is x
+    assert input_pipeline.pad_to(x, 3) is x
     with pytest.raises(ValueError):
-        data.pad_to(x, 2)
+        input_pipeline.pad_to(x, 2)
 
 
 # ----------------------------------------------------------------------------- demo dataset
@@ -353,7 +354,7 @@ def test_demo_is_deterministic_and_masks_are_exact(tmp_path):
     assert not [k for k in a if ".tmp" in k], "temporary files left behind"
 
     for category in demo.CATEGORIES:
-        cat = data.read_mvtec(tmp_path / "a", category)
+        cat = datasets.read_mvtec(tmp_path / "a", category)
         assert len(cat.train) == 2 and cat.has_masks
         defects = [t for t in cat.test if t.label]
         assert len(defects) == 4 and sum(1 - t.label for t in cat.test) == 1

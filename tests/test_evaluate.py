@@ -21,7 +21,8 @@ from PIL import Image
 from scipy.integrate import trapezoid
 
 import protoad_jax
-from protoad_jax import Config, data, demo, evaluation, load_model, metrics, report, weights
+from protoad_jax import Config, datasets, errors, evaluation, load_model, metrics, report, weights
+from protoad_jax.datasets import demo
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = Config(resize=128, image_size=112, num_prototypes=40)  # small grids keep the suite fast
@@ -31,13 +32,13 @@ BETTER_THAN_CHANCE = 0.6
 @pytest.fixture(scope="module")
 def weights_npz(tmp_path_factory):
     path = tmp_path_factory.mktemp("w") / "random_wrn.npz"
-    weights.save_variables(path, evaluation.random_variables("wide_resnet50_2"))
+    weights.save_variables(path, weights.random_variables("wide_resnet50_2"))
     return path
 
 
 @pytest.fixture(scope="module")
 def net(weights_npz):
-    return evaluation.resolve_backbone(str(weights_npz))
+    return weights.resolve_backbone(str(weights_npz))
 
 
 def _tiny_mvtec(root: Path) -> Path:
@@ -113,7 +114,7 @@ def test_missing_ground_truth_gives_null_pixel_metrics(tmp_path, net, caplog):
 def test_bad_inputs_are_clear_errors(tmp_path, net):
     root = _tiny_mvtec(tmp_path / "data")
     with pytest.raises(ValueError, match="unknown category 'bottle'|bottle"):
-        data.read_mvtec(root, "bottle")
+        datasets.read_mvtec(root, "bottle")
     # a mask whose size differs from its image
     mask = next((root / "demo_object" / "ground_truth").rglob("*_mask.png"))
     Image.new("L", (100, 90)).save(mask)
@@ -264,11 +265,11 @@ def test_predict_cli_bad_image_skip_and_regions(tmp_path, weights_npz, net):
 def test_error_line_names_the_flag_only_where_skipping_applies():
     from protoad_jax import cli
 
-    e = data.BadImageError("image file x.png: cannot decode. Remove or replace the file.", "x.png")
+    e = errors.BadImageError("image file x.png: cannot decode. Remove or replace the file.", "x.png")
     assert cli.error_line(e) == f"error: {e}"
     e.skippable = True
     assert cli.error_line(e).startswith(f"error: {e}") and "--skip_bad_images" in cli.error_line(e)
-    wrapped = cli.clean_errors(lambda argv: (_ for _ in ()).throw(data.DatasetError("no images")))
+    wrapped = cli.clean_errors(lambda argv: (_ for _ in ()).throw(errors.DatasetError("no images")))
     assert wrapped([]) == 1
     with pytest.raises(KeyError):  # not an input problem: a traceback
         cli.clean_errors(lambda argv: {}["x"])([])
@@ -282,17 +283,17 @@ def test_missing_weights_errors_name_no_flag_and_the_scripts_add_it(tmp_path, mo
                                     tmp_path / "w.pth")
 
     monkeypatch.setattr(weights, "ensure_weights", offline)
-    with pytest.raises(evaluation.NoWeightsError) as e:
-        evaluation.resolve_backbone(None)
+    with pytest.raises(weights.NoWeightsError) as e:
+        weights.resolve_backbone(None)
     print("resolve_backbone:", e.value)
     assert "could not download U" in str(e.value) and "--" not in str(e.value)
     random_model = protoad_jax.Model(np.eye(2, 1792, dtype=np.float32), Config())
-    with pytest.raises(evaluation.NoWeightsError) as e:
-        evaluation.backbone_for_model(random_model)
+    with pytest.raises(weights.NoWeightsError) as e:
+        weights.backbone_for_model(random_model)
     assert "random-init backbone" in str(e.value) and "--" not in str(e.value)
     monkeypatch.setattr(weights, "ensure_weights", lambda arch: {}["bug"])
     with pytest.raises(KeyError):  # a bug is not "no weights": it propagates
-        evaluation.resolve_backbone(None, demo=True)
+        weights.resolve_backbone(None, demo=True)
 
     # The scripts add their flags: predict.py on a model that records no weights.
     model_path = random_model.save(tmp_path / "m.npz")

@@ -62,7 +62,7 @@ def weights_npz(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def variables(weights_npz) -> dict:
-    return pipeline.load_backbone(weights_npz, ARCH)  # BatchNorm folded, as the scripts load it
+    return weights.load_backbone(weights_npz, ARCH)  # BatchNorm folded, as the scripts load it
 
 
 @pytest.fixture(scope="module")

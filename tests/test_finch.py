@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 from finch_oracle import authors_finch, canonical, member_means
 
-from protoad_jax import demo, evaluation, pipeline
+from protoad_jax import evaluation, pipeline, weights
+from protoad_jax.datasets import demo
 from protoad_jax.config import Config
-from protoad_jax.finch import finch
+from protoad_jax.clustering.finch import finch
 
 
 @pytest.fixture(scope="module")
 def photo_patches() -> np.ndarray:
     """1,800 patch embeddings of crops of scikit-learn's sample photographs (random-init
     wide_resnet50_2, float16 as the pipeline stores them), seeded."""
-    net = evaluation.random_backbone("wide_resnet50_2", "test")
+    net = weights.random_backbone("wide_resnet50_2", "test")
     crops = demo.photo_crops(2, seed=3)
     x = pipeline.extract_patches(crops, net.variables, Config(max_patches=None), batch_size=2,
                                  progress=False)

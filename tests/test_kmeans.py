@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from protoad_jax import kmeans as kmeans_lib
-from protoad_jax.kmeans import kmeans
+from protoad_jax.clustering import kmeans as kmeans_lib
+from protoad_jax.clustering.kmeans import kmeans
 
 
 def blobs(n=1500, d=16, centers=8, seed=0) -> np.ndarray:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protoad_jax import finch, memory, merging
+from protoad_jax.clustering import finch, memory, merging
 
 
 def _data(n=300, d=8, seed=0):

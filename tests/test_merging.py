@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from finch_oracle import canonical
 
-from protoad_jax.merging import merge_closest
+from protoad_jax.clustering.merging import merge_closest
 
 
 def brute_force(sums: np.ndarray, k: int) -> np.ndarray:

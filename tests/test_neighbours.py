@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from protoad_jax import neighbours
+from protoad_jax.clustering import neighbours
 
 
 def brute_force64(x: np.ndarray) -> np.ndarray:

@@ -29,10 +29,9 @@ from sklearn.datasets import load_sample_images
 
 import protoad_jax
 from protoad_jax import model as model_lib
-from protoad_jax import pipeline, torch_weights, weights, xla_cpu
+from protoad_jax import pipeline, weights, xla_cpu
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 import torch_reference
 
 TOL = 1e-5  # max abs error vs the torch reference: patch maps, 224 x 224 maps, image scores
@@ -58,10 +57,10 @@ class Images(NamedTuple):
 @pytest.fixture(scope="module")
 def wrn(tmp_path_factory) -> Backbone:
     model = random_torchvision_model("wide_resnet50_2", seed=0)
-    flat = torch_weights.to_flax(state_dict_numpy(model))
+    flat = weights.to_flax(state_dict_numpy(model))
     path = weights.save_variables(tmp_path_factory.mktemp("weights") / "wrn.npz",
                                   traverse_util.unflatten_dict(flat, sep="/"))
-    return Backbone(model, path, pipeline.load_backbone(path))
+    return Backbone(model, path, weights.load_backbone(path))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from protoad_jax import data, prediction, regions
+from protoad_jax import input_pipeline, prediction, preprocess, regions
 from protoad_jax.pipeline import ScoredImages
 
 SIZES = [(300, 200), (200, 300), (1000, 750), (150, 120), (257, 511), (256, 300)]
@@ -78,7 +78,7 @@ def test_known_point_through_lanczos_preprocessing_and_back(width, height):
         top = int(rng.integers(y0 + 2 * side, y1 - 3 * side))
         img = np.full((height, width, 3), 64, np.uint8)
         img[top:top + side, left:left + side] = 192
-        x = data.preprocess_image(Image.fromarray(img))
+        x = preprocess.preprocess_image(Image.fromarray(img))
         v = np.clip((x[..., 0] * 0.229 + 0.485) * 255 - 64, 0, None)  # undo Normalize, red channel
         ys, xs = np.mgrid[: w.crop, : w.crop]
         cx, cy = (xs * v).sum() / v.sum() + 0.5, (ys * v).sum() / v.sum() + 0.5
@@ -131,7 +131,7 @@ def _boxes_for(w: regions.CropWindow, rng: np.random.Generator) -> list[tuple[in
 @pytest.mark.parametrize("width,height", SIZES)
 def test_find_regions_recovers_painted_boxes(width, height, resize, crop):
     """Synthetic defects with known boxes: the painted mask goes through PIL's NEAREST resize +
-    crop (``data.preprocess_mask``, the ground-truth path) to become a 0/1 anomaly map; the regions
+    crop (``preprocess.preprocess_mask``, the ground-truth path) to become a 0/1 anomaly map; the regions
     found at the original resolution must have the painted boxes.
 
     Tolerance per box edge: NEAREST moves an edge by less than one resized pixel (``s`` original
@@ -141,7 +141,7 @@ def test_find_regions_recovers_painted_boxes(width, height, resize, crop):
     w = regions.crop_window(width, height, resize, crop)
     boxes = _boxes_for(w, np.random.default_rng(width + height))
     painted = _painted(width, height, boxes)
-    amap = data.preprocess_mask(Image.fromarray(painted.astype(np.uint8) * 255), resize, crop).astype(np.float32)
+    amap = preprocess.preprocess_mask(Image.fromarray(painted.astype(np.uint8) * 255), resize, crop).astype(np.float32)
     res = regions.find_regions(amap, 0.5, width, height, resize, crop)
     s = max(width / w.resized_width, height / w.resized_height)
     tol = s + 1
@@ -169,7 +169,7 @@ def test_regions_never_leave_the_crop_window():
     w = regions.crop_window(width, height)
     x0, y0, x1, y1 = w.box
     painted = _painted(width, height, [(10, 50, x0 + 30, 90)])  # starts left of the window
-    amap = data.preprocess_mask(Image.fromarray(painted.astype(np.uint8) * 255)).astype(np.float32)
+    amap = preprocess.preprocess_mask(Image.fromarray(painted.astype(np.uint8) * 255)).astype(np.float32)
     res = regions.find_regions(amap, 0.5, width, height)
     assert len(res.regions) == 1
     bx0, by0, bx1, by1 = res.regions[0].box
@@ -217,13 +217,13 @@ def test_write_predictions_csv_json_masks(tmp_path):
         img = np.where(painted[..., None], 200, 90).astype(np.uint8).repeat(3, axis=2)
         Image.fromarray(img).save(inputs / name)
         paths.append(inputs / name)
-        maps.append(data.preprocess_mask(Image.fromarray(painted.astype(np.uint8) * 255)).astype(np.float32))
+        maps.append(preprocess.preprocess_mask(Image.fromarray(painted.astype(np.uint8) * 255)).astype(np.float32))
     bad = inputs / "broken.png"
     bad.write_bytes(b"not an image")
     all_paths = sorted(paths + [bad])
     scores = np.array([m.max() for m in maps], np.float32)
     scored = ScoredImages(np.stack(maps), scores, np.stack(maps)[:, ::4, ::4], paths,
-                          [data.SkippedImage(bad, "cannot decode (UnidentifiedImageError)")])
+                          [input_pipeline.SkippedImage(bad, "cannot decode (UnidentifiedImageError)")])
     out = tmp_path / "out"
     summary = prediction.write_predictions(out, all_paths, scored, 0.5, root=inputs, resize=256, crop=224)
     print(summary.line())

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 import torch_reference
 
 from protoad_jax import features, scoring

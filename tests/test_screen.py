@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protoad_jax.screen import SCREEN_DIMS, ProjectionScreen
+from protoad_jax.clustering.screen import SCREEN_DIMS, ProjectionScreen
 
 
 def _unit(x):

@@ -9,7 +9,7 @@ run, that the work was really split: the scorer's outputs are sharded over the 4
 the batch axis, and the compiled first-neighbour / k-means programs gather per-device results.
 
 The backbone is a random-init wide_resnet50_2 (1792-channel head) saved to ``.npz`` and loaded
-through ``pipeline.load_backbone``, so the test follows whatever that does to the variables.
+through ``weights.load_backbone``, so the test follows whatever that does to the variables.
 """
 
 from __future__ import annotations
@@ -38,15 +38,16 @@ def main(out: str) -> None:
 
     jax.config.update("jax_numpy_rank_promotion", "raise")  # as tests/conftest.py
     jax.config.update("jax_default_matmul_precision", "highest")
-    from protoad_jax import backbone, finch, kmeans, neighbours, pipeline, weights, xla_cpu
+    from protoad_jax import backbone, pipeline, sharding, weights, xla_cpu
+    from protoad_jax.clustering import finch, kmeans, neighbours
     from protoad_jax.config import EMBED_CHANNELS, Config
     from protoad_jax.model import Model
 
     ndev = jax.local_device_count()
-    mesh = pipeline.local_mesh()
+    mesh = sharding.local_mesh()
     res: dict[str, np.ndarray] = {}
     info: dict = {"devices": ndev, "mesh_size": mesh.size,
-                  "batch_size_3": pipeline._device_batch_size(3)}
+                  "batch_size_3": sharding.device_batch_size(3)}
     rng = np.random.default_rng(0)
     clock = [time.perf_counter()]
 
@@ -69,7 +70,7 @@ def main(out: str) -> None:
     random_vars = jax.tree_util.tree_map_with_path(lambda p, a: fill(str(p[-1].key), a), shapes)
     path = Path(out).with_suffix(".weights.npz")
     weights.save_variables(path, dict(random_vars))
-    variables = pipeline.load_backbone(path)
+    variables = weights.load_backbone(path)
     assert all(np.isfinite(a).all() for a in jax.tree.leaves(variables))
     images = rng.normal(size=(N_IMAGES, 224, 224, 3)).astype(np.float32)
     protos = rng.normal(size=(K, EMBED_CHANNELS)).astype(np.float32)
@@ -84,7 +85,7 @@ def main(out: str) -> None:
     info["maps_spec"] = str(maps.sharding.spec) if hasattr(maps.sharding, "spec") else None
     info["maps_devices"] = len(maps.sharding.device_set)
     info["maps_shard_shapes"] = sorted({tuple(s.data.shape) for s in maps.addressable_shards})
-    info["maps_is_batch_sharded"] = maps.sharding.is_equivalent_to(pipeline.batch_sharding(), 3)
+    info["maps_is_batch_sharded"] = maps.sharding.is_equivalent_to(sharding.batch_sharding(), 3)
     res["scorer_maps"], res["scorer_scores"] = np.asarray(maps), np.asarray(scores)
     if ndev == 1:
         # one image per call: what each of 4 devices runs on this batch
@@ -96,7 +97,7 @@ def main(out: str) -> None:
         res["pad3_maps"], res["pad3_scores"] = np.asarray(maps3), np.asarray(scores3)
         info["pad3_maps_shape"] = list(maps3.shape)
         # Under the user's own jit the scorer leaves placement to the caller (sharded input).
-        placed = jax.device_put(images, pipeline.batch_sharding())
+        placed = jax.device_put(images, sharding.batch_sharding())
         # the user's jit with the library's XLA:CPU options (README "Use it from JAX"): the same code
         jmaps, jscores = jax.jit(scorer, compiler_options=xla_cpu.compiler_options())(placed)
         res["jit_scorer_maps"], res["jit_scorer_scores"] = np.asarray(jmaps), np.asarray(jscores)
@@ -112,9 +113,9 @@ def main(out: str) -> None:
 
     # fit: the embedding batch is sharded (checked on one call), then both clusterings.
     emb_fn = pipeline._embed_fn("wide_resnet50_2", "float32", "float32")
-    emb = emb_fn(pipeline._replicated(variables), pipeline._device_batch(images))
+    emb = emb_fn(sharding.replicate(variables), sharding.device_batch(images))
     info["embed_devices"] = len(emb.sharding.device_set)
-    info["embed_is_batch_sharded"] = emb.sharding.is_equivalent_to(pipeline.batch_sharding(), 4)
+    info["embed_is_batch_sharded"] = emb.sharding.is_equivalent_to(sharding.batch_sharding(), 4)
     for clustering in ("finch", "kmeans"):
         fitted = pipeline.fit(list(images), variables=variables, clustering=clustering,
                               num_prototypes=K, max_patches=MAX_PATCHES, batch_size=N_IMAGES,
@@ -148,10 +149,10 @@ def main(out: str) -> None:
     # The sharded programs gather the per-device chunk results (a one-device program has no
     # collectives): evidence that the searches are split.
     if ndev > 1:
-        xr = jax.device_put(jnp.asarray(x), pipeline.replicated_sharding())
-        ok = jax.device_put(jnp.ones(1000, bool), pipeline.replicated_sharding())
+        xr = jax.device_put(jnp.asarray(x), sharding.replicated_sharding())
+        ok = jax.device_put(jnp.ones(1000, bool), sharding.replicated_sharding())
         pairs = jax.device_put(jnp.asarray(neighbours._chunk_pairs(1000, 96, ndev)),
-                               pipeline.replicated_sharding())
+                               sharding.replicated_sharding())
         hlo_nn = neighbours._pair_pass.lower(xr, ok, pairs, chunk=96, c=4, bf16=False,
                                              mesh=m).compile().as_text()
         hlo_km = kmeans._kmeans.lower(xr, jax.random.key(1), None, k=7, max_iters=100, tol=0.0,

@@ -1,7 +1,7 @@
 """TFDS builders (mvtec_ad, btad) against the folder readers: same files, same order, same pixels.
 
-The oracle is the folder path itself: ``data.read_mvtec`` / ``data.read_btad`` for the file list
-and pairing, ``data.preprocess_image`` / ``data.preprocess_mask`` on the original files for the
+The oracle is the folder path itself: ``datasets.read_mvtec`` / ``datasets.read_btad`` for the file list
+and pairing, ``preprocess.preprocess_image`` / ``preprocess.preprocess_mask`` on the original files for the
 arrays the pipeline sees (bit for bit), and plain PIL ``convert("RGB")`` for the stored pixels.
 The generated folders mix the formats real data may hold: plain 8-bit PNGs (kept byte for byte),
 BMP, palette, RGBA, RGB with a transparent colour, 16-bit grayscale, non-square images, and masks
@@ -24,8 +24,9 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from layouts import make_btad_like
 
-from protoad_jax import data, demo
-from protoad_jax import tfds_builders as tb
+from protoad_jax import datasets, preprocess, weights
+from protoad_jax.datasets import demo
+from protoad_jax.datasets import tfds_builders as tb
 
 tfds.disable_progress_bar()
 RESIZE, CROP = 256, 224
@@ -107,10 +108,10 @@ def _tar(archive: Path, folders: dict[str, Path]) -> Path:
 # ----------------------------------------------------------------------------- checks
 
 
-def assert_matches_reader(cat: tb.TfdsCategory, ref: data.Category, channels: int) -> None:
+def assert_matches_reader(cat: tb.TfdsCategory, ref: datasets.Category, channels: int) -> None:
     """Every example equals the folder reader's file, in the reader's order, bit for bit."""
     cat_dir = ref.train[0].parents[2]
-    ref_splits = {"train": [data.TestItem(p, p.parent.name, 0, None) for p in ref.train],
+    ref_splits = {"train": [datasets.TestItem(p, p.parent.name, 0, None) for p in ref.train],
                   "test": ref.test}
     raw_tfds = cat.builder.as_data_source()  # TFDS's own decoding (OpenCV or PIL)
     max_err = 0.0
@@ -123,25 +124,25 @@ def assert_matches_reader(cat: tb.TfdsCategory, ref: data.Category, channels: in
             where = f"{name}[{i}] {ex.file_name}"
             assert (ex.file_name, ex.label, ex.defect_type) == (names[i], it.label, it.defect_type)
             # Stored pixels: the reader's RGB (one channel of it for a grayscale category).
-            want_rgb = np.asarray(data.to_rgb(data.open_image(it.path)))
+            want_rgb = np.asarray(preprocess.to_rgb(preprocess.open_image(it.path)))
             assert ex.image.dtype == np.uint8 and ex.image.shape == want_rgb.shape[:2] + (channels,)
             plain = Image.open(it.path)
-            if plain.mode not in data._WIDE_MODES:  # independent oracle: PIL's own conversion
+            if plain.mode not in preprocess._WIDE_MODES:  # independent oracle: PIL's own conversion
                 assert np.array_equal(want_rgb, np.asarray(plain.convert("RGB"))), where
             assert np.array_equal(np.broadcast_to(ex.image, want_rgb.shape), want_rgb), where
             # What the pipeline sees.
-            want = data.preprocess_image(it.path, RESIZE, CROP)
+            want = preprocess.preprocess_image(it.path, RESIZE, CROP)
             got = tb.preprocess_example_image(ex.image, RESIZE, CROP)
             max_err = max(max_err, float(np.abs(got - want).max()),
                           float(np.abs(images[i] - want).max()))
             assert np.array_equal(got, want) and np.array_equal(images[i], want), where
-            want_m = (data.preprocess_mask(it.mask_path, RESIZE, CROP) if it.label
+            want_m = (preprocess.preprocess_mask(it.mask_path, RESIZE, CROP) if it.label
                       else np.zeros((CROP, CROP), bool))
             assert want_m.any() == bool(it.label), where  # the check can see a lost mask
             assert np.array_equal(tb.preprocess_example_mask(ex.mask), want_m), where
             assert np.array_equal(masks[i], want_m), where
             if it.label:
-                full = np.asarray(data.mask_image(it.mask_path)) > 0
+                full = np.asarray(preprocess.mask_image(it.mask_path)) > 0
                 assert np.array_equal(ex.mask, full.any(-1) if full.ndim == 3 else full), where
             else:
                 assert ex.mask.shape == want_rgb.shape[:2] and not ex.mask.any(), where
@@ -170,7 +171,7 @@ def test_mvtec_from_folder_matches_reader(tmp_path, category, channels):
                            manual_dir=tmp_path / "manual")
     assert cat.builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
     assert cat.builder.info.features["image"].shape == (None, None, channels)
-    ref = data.read_mvtec(manual, category)
+    ref = datasets.read_mvtec(manual, category)
     assert len(cat.train) == len(ref.train) >= 7 and len(cat.test) == len(ref.test) >= 8
     assert_matches_reader(cat, ref, channels)
     # A plain 8-bit PNG in the stored mode is kept byte for byte.
@@ -193,7 +194,7 @@ def test_btad_from_zip_matches_reader(tmp_path):
     cat = tb.load_category("tfds:btad/01", _data_dir(tmp_path), manual_dir=manual)
     extracted = _data_dir(tmp_path) / "downloads" / "extracted" / "BTAD.zip"
     assert (extracted / "BTech_Dataset_transformed" / "01" / "train" / "ok").is_dir()
-    ref = data.read_btad(folder, "01")
+    ref = datasets.read_btad(folder, "01")
     assert {it.mask_path.suffix for it in ref.test if it.label} == {".png", ".bmp"}
     assert ref.train[0].suffix == ".bmp"
     assert_matches_reader(cat, ref, 3)
@@ -208,20 +209,20 @@ def test_mvtec_from_archives(tmp_path):
     _tar(manual / tb.MVTEC_ARCHIVE, {"bottle": src / "bottle", "grid": src / "grid"})
     data_dir = _data_dir(tmp_path)
     cat = tb.load_category("mvtec_ad/bottle", data_dir, manual_dir=manual)
-    assert_matches_reader(cat, data.read_mvtec(src, "bottle"), 3)
+    assert_matches_reader(cat, datasets.read_mvtec(src, "bottle"), 3)
     # The second config reuses the extraction of the shared archive.
     extracted = data_dir / "downloads" / "extracted" / tb.MVTEC_ARCHIVE
     marker = extracted / "marker"
     marker.write_text("kept")
     cat = tb.load_category("mvtec_ad/grid", data_dir, manual_dir=manual)
     assert marker.exists(), "the archive was extracted a second time"
-    assert_matches_reader(cat, data.read_mvtec(src, "grid"), 1)
+    assert_matches_reader(cat, datasets.read_mvtec(src, "grid"), 1)
     # A per-category archive is preferred to the full one.
     manual2 = tmp_path / "manual2"
     manual2.mkdir()
     _tar(manual2 / "bottle.tar.xz", {"bottle": src / "bottle"})
     cat = tb.load_category("mvtec_ad/bottle", tmp_path / "tfds2", manual_dir=manual2)
-    assert_matches_reader(cat, data.read_mvtec(src, "bottle"), 3)
+    assert_matches_reader(cat, datasets.read_mvtec(src, "bottle"), 3)
 
 
 def _build_error(tmp_path: Path, spec: str, manual: Path) -> str:
@@ -293,7 +294,7 @@ def test_specs_and_configs():
     assert tb.parse_spec("tfds:mvtec_ad/bottle") == ("mvtec_ad", "bottle")
     assert tb.parse_spec("btad/01") == ("btad", "01")
     assert tb.parse_spec("tfds:btad") == ("btad", None)
-    assert tb.list_configs("mvtec_ad") == list(data.MVTEC_CATEGORIES)
+    assert tb.list_configs("mvtec_ad") == list(datasets.MVTEC_CATEGORIES)
     assert tb.list_configs("btad") == ["01", "02", "03"]
     gray = [c.name for c in tb.MvtecAd.BUILDER_CONFIGS if c.channels == 1]
     assert gray == ["grid", "screw", "zipper"]
@@ -325,7 +326,7 @@ def test_evaluate_through_tfds_equals_folder(tmp_path):
 
     manual = tmp_path / "manual"
     make_mvtec(manual, "bottle", grayscale=False)
-    net = evaluation.random_backbone("wide_resnet50_2", "test")
+    net = weights.random_backbone("wide_resnet50_2", "test")
     cfg = Config(resize=128, image_size=112, num_prototypes=30)
     kw = {"batch_size": 4, "num_overlays": 1, "progress": False}
     folder = evaluation.run_category("mvtec", manual, "bottle", tmp_path / "o_folder", cfg, net, **kw)

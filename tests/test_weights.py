@@ -25,7 +25,7 @@ import torch
 from oracles import random_torchvision_model
 
 from protoad_jax import backbone, weights
-from protoad_jax.torch_weights import CheckpointError, UnsafeCheckpointError, load_state_dict
+from protoad_jax.weights import CheckpointError, UnsafeCheckpointError, load_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = {"zip": True, "legacy": False}

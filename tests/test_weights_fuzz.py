@@ -1,4 +1,4 @@
-"""Seeded mutation fuzz of the torch-free ``.pth`` reader (``torch_weights.load_state_dict``).
+"""Seeded mutation fuzz of the torch-free ``.pth`` reader (``weights.load_state_dict``).
 
 Two small state dicts (float32/16, bfloat16, float64, int64, bool, a parameter, an empty tensor, a
 transposed and an offset view sharing one storage, one dict wrapped as a checkpoint) are written
@@ -43,8 +43,8 @@ import numpy as np
 import pytest
 import torch
 
-from protoad_jax import torch_weights
-from protoad_jax.torch_weights import CheckpointError, load_state_dict
+from protoad_jax import weights
+from protoad_jax.weights import CheckpointError, load_state_dict
 
 SEED = 20240610
 MUTANTS_PER_FILE = 800  # x 4 seed files (2 state dicts x 2 formats)
@@ -440,7 +440,7 @@ _SET_DEFAULTS = (  # BUILD (None, {"__defaults__": (1, 2, 3)}) on an admitted fu
 def test_reader_refuses_hostile_pickles(tmp_path, pickled, why):
     path = tmp_path / "hostile.pth"
     path.write_bytes(_legacy_file(pickled))
-    defaults = torch_weights._rebuild_tensor_v2.__defaults__
+    defaults = weights._rebuild_tensor_v2.__defaults__
     tracemalloc.start()
     t0 = time.process_time()
     try:
@@ -452,7 +452,7 @@ def test_reader_refuses_hostile_pickles(tmp_path, pickled, why):
     print(f"  {seconds * 1e3:.1f} ms, peak {peak} bytes: {e.value}")
     assert str(path) in str(e.value)
     assert seconds < SECONDS_PER_MUTANT and peak < MEMORY_PER_MUTANT(path.stat().st_size)
-    assert torch_weights._rebuild_tensor_v2.__defaults__ == defaults  # the file changed nothing
+    assert weights._rebuild_tensor_v2.__defaults__ == defaults  # the file changed nothing
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])

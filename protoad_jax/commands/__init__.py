@@ -1,0 +1,1 @@
+"""The commands behind ``protoad <command>`` and ``scripts/<command>.py``: flags and main of each."""

@@ -1,0 +1,129 @@
+"""Fit, score and measure ProtoAD on MVTec AD, BTAD or your own folder; write tables, maps and a report.
+
+Commands (``protoad evaluate ...`` is the same as ``python scripts/evaluate.py ...``):
+  python scripts/evaluate.py --demo
+      Generates a small MVTec-layout dataset (a texture and an object with scratches, holes,
+      stains, missing pieces) under <output_dir>/demo_data and runs the whole job on it.
+  python scripts/evaluate.py --dataset=mvtec --data_dir=/data/mvtec_ad --categories=all \\
+      --weights=weights/wide_resnet50_2_imagenet1k_v1.npz --output_dir=runs/mvtec
+  python scripts/evaluate.py --dataset=btad --data_dir=/data/btad --categories=01,02,03 ...
+  python scripts/evaluate.py --dataset=folder --data_dir=/data/my_part ...   (train/, test/<good|type>/, ground_truth/)
+
+It prints one table row per category and the mean (image AUROC, pixel AUROC, AU-PRO, image and
+pixel F1-max, K, seconds) and writes O/results.json, O/results.csv, O/report.html and, per
+category, O/<category>/{model.npz, scores.csv, result.json, overlays/*.png, plots/*.png
+[, maps/<type>/<name>.npy]} (plots: image ROC, PRO curve, score histogram).
+Finished categories are skipped on a rerun unless --overwrite.
+An unreadable image stops the run with one line naming it, e.g.
+  error: image file D/bottle/test/good/001.png: cannot decode (UnidentifiedImageError: cannot identify
+  image file). Remove or replace the file. Or pass --skip_bad_images to skip it (it is then listed as skipped).
+With --skip_bad_images, unreadable test images are left out of the metrics, listed in scores.csv
+with status "skipped: <reason>" and in result.json's skipped_images, and counted in a printed line
+("bottle: 1 unreadable test images skipped (...)"). Training images cannot be skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import flags
+
+from protoad_jax import cli, datasets
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("dataset", "mvtec", list(datasets.NAMES),
+                  "Dataset layout, or a TFDS builder (pip install -e '.[tfds]').")
+flags.DEFINE_string("tfds_data_dir", None, "TFDS data folder (default ~/tensorflow_datasets).")
+flags.DEFINE_string("tfds_manual_dir", None, "Where the downloaded archives/extracted folders are "
+                    "(default <tfds_data_dir>/downloads/manual).")
+flags.DEFINE_string("data_dir", None, "Dataset root (for folder: the folder with train/ and test/).")
+flags.DEFINE_list("categories", ["all"], "Categories: all, or a comma-separated list.")
+flags.DEFINE_string("weights", None, "Backbone .npz from `protoad convert-weights` "
+                    "(default: the converted ImageNet file in the weights cache).")
+flags.DEFINE_string("output_dir", None, "Where results go (default runs/<dataset>, or demo_output with --demo).")
+flags.DEFINE_enum("clustering", "finch", ["finch", "kmeans"], "Prototype clustering.")
+flags.DEFINE_integer("num_prototypes", None, lower_bound=0, help="K prototypes (FINCH: required number of clusters; 0 = take "
+                     "FINCH level --finch_level). Default: evaluation.DEFAULT_K.")
+flags.DEFINE_integer("finch_level", 0, lower_bound=0, help="FINCH partition level when --num_prototypes=0.")
+flags.DEFINE_bool("finch_early_exit", True, "FINCH authors' ensure_early_exit (their default); "
+                  "--nofinch_early_exit turns it off.")
+flags.DEFINE_string("max_patches", "auto", "Subsample training patches to this many (seeded); 'all'; "
+                    "'auto' = all on GPU/TPU, config.CPU_MAX_PATCHES on CPU.")
+flags.DEFINE_enum("patch_sampler", "random", ["random", "coreset"], "How --max_patches are chosen: "
+                  "uniform seeded sample, or greedy k-center coreset (PatchCore's).")
+flags.DEFINE_integer("seed", 0, lower_bound=0, help="Seed for subsampling, k-means++ and the demo data.")
+flags.DEFINE_enum("image_score", "smoothed_max", ["smoothed_max", "patch_max"], "Image score definition.")
+flags.DEFINE_bool("normalize_prototypes", True, "L2-normalise prototypes (False: reference code's raw means).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Backbone compute dtype.")
+flags.DEFINE_integer("batch_size", 8, "Images per jitted call.", lower_bound=1)
+flags.DEFINE_bool("save_raw_maps", False, "Save float32 maps as <category>/maps/<type>/<name>.npy.")
+flags.DEFINE_bool("skip_bad_images", False, "Skip (and count) undecodable test images instead of failing.")
+flags.DEFINE_bool("overwrite", False, "Redo categories that already have results.")
+flags.DEFINE_bool("demo", False, "Generate a demo dataset and evaluate on it.")
+flags.DEFINE_bool("allow_random_weights", False, "Run with a random-init backbone when no weights exist.")
+flags.DEFINE_integer("num_overlays", 4, lower_bound=0, help="Overlays of the most and of the least anomalous test images.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def main(argv):
+    del argv
+    from protoad_jax import Config, evaluation, weights
+    from protoad_jax.datasets import demo
+
+    out = Path(FLAGS.output_dir or ("demo_output" if FLAGS.demo else f"runs/{FLAGS.dataset}"))
+    dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
+    if FLAGS.demo:
+        dataset, data_dir = "mvtec", demo.make_demo_dataset(out / "demo_data", seed=FLAGS.seed)
+    elif data_dir is None and not dataset.startswith("tfds:"):
+        raise cli.CommandError("--data_dir is required (or use --demo)")
+    k = FLAGS.num_prototypes
+    config = Config(clustering=FLAGS.clustering, seed=FLAGS.seed, finch_level=FLAGS.finch_level,
+                    finch_early_exit=FLAGS.finch_early_exit,
+                    num_prototypes=(evaluation.DEFAULT_K if k is None else k or None),
+                    max_patches=_max_patches(FLAGS.max_patches),
+                    patch_sampler=FLAGS.patch_sampler, image_score=FLAGS.image_score,
+                    normalize_prototypes=FLAGS.normalize_prototypes, dtype=FLAGS.dtype)
+    backbone = weights.resolve_backbone(FLAGS.weights, config.arch, demo=FLAGS.demo,
+                                           allow_random=FLAGS.allow_random_weights)
+    return _run_all(dataset, data_dir, out, config, backbone)
+
+
+def _max_patches(text: str):
+    if text in ("auto", "all"):
+        return None if text == "all" else "auto"
+    if not text.isdigit() or int(text) < 1:
+        raise cli.CommandError(f"--max_patches must be a positive integer, 'all' or 'auto'; got {text!r}")
+    return int(text)
+
+
+def _run_all(dataset, data_dir, out, config, backbone):
+    from protoad_jax import evaluation
+
+    names = datasets.list_categories(dataset, data_dir) if FLAGS.categories == ["all"] else FLAGS.categories
+    results = []
+    for name in names:
+        done = out / name / "result.json"
+        if done.exists() and not FLAGS.overwrite:
+            print(f"{name}: finished earlier, kept ({done}); --overwrite redoes it", flush=True)
+            results.append(evaluation.load_result(done))
+            continue
+        print(f"== {name}", flush=True)
+        try:
+            results.append(evaluation.run_category(
+                dataset, data_dir, name, out, config, backbone, batch_size=FLAGS.batch_size,
+                save_raw_maps=FLAGS.save_raw_maps, skip_bad_images=FLAGS.skip_bad_images,
+                num_overlays=FLAGS.num_overlays, progress=FLAGS.progress,
+                tfds_data_dir=FLAGS.tfds_data_dir, tfds_manual_dir=FLAGS.tfds_manual_dir))
+        except MemoryError as e:  # the fit's checks (or an allocation) found too little memory
+            raise cli.CommandError.hinted(
+                e, f"({name}) Pass --max_patches=N with a smaller N to fit on fewer patches, or a "
+                "--num_prototypes equal to a FINCH level.") from e
+        if results[-1]["skipped_images"]:
+            print(f"{name}: {len(results[-1]['skipped_images'])} unreadable test images skipped "
+                  f"(status column of {out / name / 'scores.csv'})", flush=True)
+    summary = evaluation.summarize(results, out, evaluation.settings(config, backbone.description),
+                                   backbone.warnings)
+    for w in backbone.warnings:
+        print(w)
+    print(evaluation.format_table(results, summary["mean"]))
+    print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'report.html'}")

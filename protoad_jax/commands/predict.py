@@ -1,0 +1,108 @@
+"""Score new images with a fitted model: a CSV of scores and decisions, heatmaps, defect regions.
+
+Commands (``protoad predict ...`` is the same as ``python scripts/predict.py ...``):
+  python scripts/predict.py --model=runs/mvtec/bottle/model.npz --input=/data/new_bottles --output_dir=pred
+  python scripts/predict.py --model=M.npz --input=DIR --output_dir=O --calibrate_dir=/data/known_good
+  python scripts/predict.py --model=M.npz --input=one.png --output_dir=O --threshold=0.31
+  python scripts/predict.py --model=M.npz --input=DIR --output_dir=O --skip_bad_images
+  python scripts/predict.py --exported=D --input=DIR --output_dir=O   # a scripts/export.py directory
+
+Prints one line per input file and a summary (a = anomalous, n = scored, k = skipped):
+  <score>  <yes|no|unknown>  /data/new_bottles/003.png
+  skipped: cannot decode (UnidentifiedImageError: cannot identify image file)  /data/new_bottles/bad.png
+  <a> of <n> scored images anomalous; <k> skipped; wrote pred/predictions.csv, pred/regions.json, pred/overlays/, pred/masks/
+Writes (protoad_jax/prediction.py): O/predictions.csv (path, status ok / skipped: <reason>, score,
+anomalous yes/no, or "unknown" when no threshold is set, number of regions), O/overlays/<name>.png
+(image | heatmap with the defect regions outlined), and per anomalous image O/masks/<name>.png (the
+defect mask at the original image size) and an entry in O/regions.json (8-connected regions with
+area, bounding box, peak score and centroid in original pixel coordinates; pixels outside the
+center crop the model sees are not scored). An unreadable image stops the run with one line
+naming it, unless --skip_bad_images.
+Also O/score_histogram.png (the scored inputs' scores, with the threshold).
+Threshold rule with --calibrate_dir: the --calibrate_quantile (default 0.99) quantile of the
+image scores of the normal images in that folder (numpy linear interpolation); an image is
+anomalous when its score is above it. The threshold and its rule are saved into the model file,
+so later runs without --threshold use it.
+With --exported=D (instead of --model) the images are decoded and preprocessed with the
+constants in D/manifest.json and scored by the exported artifact, without Flax; the threshold is
+the manifest's unless --threshold is given (--calibrate_dir needs --model).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import flags
+
+from protoad_jax import cli, datasets
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Model .npz written by fit()/evaluate.py (or pass --exported).")
+flags.DEFINE_string("exported", None, "Directory written by scripts/export.py (instead of --model).")
+flags.DEFINE_string("input", None, "An image file or a folder of images (searched recursively).", required=True)
+flags.DEFINE_string("output_dir", None, "Where predictions.csv, regions.json, overlays/ and masks/ go.",
+                    required=True)
+flags.DEFINE_float("threshold", None, "Image-score threshold (overrides the model's).")
+flags.DEFINE_string("calibrate_dir", None, "Folder of normal images: set the threshold from them and save it.")
+flags.DEFINE_float("calibrate_quantile", 0.99, lower_bound=1e-9, upper_bound=1.0, help="Quantile of the normal scores used as threshold.")
+flags.DEFINE_string("weights", None, "Backbone .npz (default: the one recorded in the model).")
+flags.DEFINE_bool("allow_random_weights", False, "Accept a model fitted with a random-init backbone (demo).")
+flags.DEFINE_integer("batch_size", 8, "Images per jitted call.", lower_bound=1)
+flags.DEFINE_bool("skip_bad_images", False, "Skip undecodable images instead of failing.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def main(argv):
+    del argv
+    from protoad_jax import prediction, report
+
+    if (FLAGS.model is None) == (FLAGS.exported is None):
+        raise cli.CommandError("pass exactly one of --model=M.npz and --exported=DIR")
+    paths = datasets.find_images(FLAGS.input)
+    scored, threshold, config = _score_exported(paths) if FLAGS.exported else _score_model(paths)
+    out = Path(FLAGS.output_dir)
+    summary = prediction.write_predictions(out, paths, scored, threshold, root=FLAGS.input,
+                                           resize=config.resize, crop=config.image_size)
+    report.write_score_histogram(out / "score_histogram.png", scored.scores, threshold)
+    for r in summary.rows:
+        print(r.line())
+    print(f"{summary.line()}; wrote {out / 'predictions.csv'}, {out / 'regions.json'}, {out / 'overlays'}/, "
+          f"{out / 'masks'}/, {out / 'score_histogram.png'}")
+
+
+def _score_exported(paths):
+    """Scores ``paths`` with the artifact in --exported; no Flax, no fitting code."""
+    from protoad_jax import export
+
+    if FLAGS.calibrate_dir or FLAGS.weights:
+        raise cli.CommandError("--calibrate_dir and --weights need --model; an exported scorer carries "
+                               "its weights, and its threshold is set at export time (or pass --threshold)")
+    scorer, manifest = export.load_exported(FLAGS.exported)
+    threshold = FLAGS.threshold if FLAGS.threshold is not None else manifest["threshold"]["value"]
+    if threshold is None:
+        print("no threshold is set: pass --threshold=T; predictions.csv says 'unknown'", file=sys.stderr)
+    scored = export.score_files(scorer, manifest, paths, batch_size=FLAGS.batch_size,
+                                progress=FLAGS.progress, skip_bad=FLAGS.skip_bad_images)
+    return scored, threshold, export.manifest_config(manifest)
+
+
+def _score_model(paths):
+    from protoad_jax import load_model, pipeline, weights
+
+    model_path = Path(FLAGS.model)
+    model = load_model(model_path)
+    net = weights.backbone_for_model(model, FLAGS.weights, allow_random=FLAGS.allow_random_weights)
+    kw = {"batch_size": FLAGS.batch_size, "progress": FLAGS.progress, "skip_bad": FLAGS.skip_bad_images}
+    if FLAGS.calibrate_dir:
+        normal = datasets.find_images(FLAGS.calibrate_dir)
+        scored = pipeline.score_images(model, normal, net.variables, **kw)
+        threshold, rule = pipeline.calibrate_threshold(scored.scores, FLAGS.calibrate_quantile)
+        model = model.with_threshold(threshold, f"{rule} ({FLAGS.calibrate_dir})")
+        model.save(model_path)
+        print(f"threshold {threshold:.6f} = {rule}; {len(scored.skipped)} skipped; saved into {model_path}")
+    threshold = FLAGS.threshold if FLAGS.threshold is not None else model.threshold
+    if threshold is None:
+        print("no threshold is set: pass --threshold=T or --calibrate_dir=NORMAL_DIR; "
+              "predictions.csv says 'unknown'", file=sys.stderr)
+    return pipeline.score_images(model, paths, net.variables, **kw), threshold, model.config

@@ -1,0 +1,242 @@
+"""Fit-stage benchmark: FINCH before/after, matmul peaks, closest-pair merging at scale, coreset.
+
+Every case runs in a fresh subprocess (its peak RSS is the process's VmHWM) on real-photo patch
+embeddings (demo.photo_crops through the random-init wide_resnet50_2, float16 as the pipeline
+stores them; cached under --workdir).
+
+  peaks    jitted [4096, 1792] x [1792, 4096] matmul, float32 (HIGHEST) and bfloat16: GFLOP/s.
+  finch    finch.finch(x, num_clusters=K) on --finch_n patches, this checkout vs --baseline
+           (a git revision, checked out to a temporary folder and run the same way): seconds,
+           levels, level-0 effective GFLOP/s (2 n^2 d / level-0 seconds), queries re-ranked in
+           float64, device fallbacks, exhaustive float64 searches.
+  merge    merging.merge_closest from m singleton clusters (patches) down to K, for each
+           --merge_sizes: seconds, refreshes, exact cosines, peak RSS; sizes above
+           --merge_run_max are projected from the largest run (time ~m^2: the candidate pass is
+           m^2 d, each merge screens O(m) rows; memory ~m), labelled as projections.
+  coreset  pipeline's coreset sampler over --coreset_n patches (float16) down to --coreset_budget:
+           seconds, peak RSS.
+
+Command (BENCHMARKS.md "Fit stage"):
+  python scripts/cluster_benchmark.py --cases=peaks,finch,merge,coreset --output=BENCHMARKS_fit.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("cases", ["peaks", "finch", "merge", "coreset"], "Cases to run.")
+flags.DEFINE_integer("finch_n", 50000, "finch: patches.")
+flags.DEFINE_integer("k", 1000, "finch/merge: required number of clusters.")
+flags.DEFINE_string("baseline", "d61e0d5", "finch: git revision of the 'before' implementation "
+                    "('' to skip it).")
+flags.DEFINE_list("merge_sizes", ["20000", "100000", "300000"], "merge: starting cluster counts.")
+flags.DEFINE_integer("merge_run_max", 100000, "merge: larger sizes are projected, not run.")
+flags.DEFINE_integer("coreset_n", 1226176, "coreset: patches (391 images x 3136).")
+flags.DEFINE_integer("coreset_budget", 2000, "coreset: budget of the memory run (time per pick is "
+                     "printed; memory does not depend on the budget).")
+flags.DEFINE_string("workdir", "/tmp/protoad_cluster_bench", "Cache of patch embeddings.")
+flags.DEFINE_string("output", None, "Markdown file to write the tables to (atomically).")
+flags.DEFINE_string("case", None, "Internal: JSON of one case, run in this process.")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _patches(n: int) -> Path:
+    """``[n, 1792]`` float16 real-photo patch embeddings, cached."""
+    path = Path(FLAGS.workdir) / f"photo_{n}.npy"
+    if path.exists():
+        return path
+    for other in sorted(Path(FLAGS.workdir).glob("photo_*.npy")):  # a larger cache: its rows
+        if int(other.stem.split("_")[1]) >= n:
+            return other
+    import numpy as np
+
+    from protoad_jax import Config, evaluation, fileio, pipeline, weights
+    from protoad_jax.datasets import demo
+
+    net = weights.random_backbone("wide_resnet50_2", "benchmark")
+    crops = demo.photo_crops(-(-n // 3136), seed=11)
+    x = pipeline.extract_patches(crops, net.variables, Config(max_patches=None), progress=False)
+    return fileio.atomic_write(path, lambda f: np.save(f, x[:n].astype(np.float16)))
+
+
+def _case(case: dict) -> dict:
+    """One measurement in this process."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    kind = case["kind"]
+    if kind == "peaks":
+        out = {}
+        a = jax.random.normal(jax.random.key(0), (4096, 1792))
+        b = jax.random.normal(jax.random.key(1), (1792, 4096))
+        for name, dt, prec in (("float32", jnp.float32, "highest"), ("bfloat16", jnp.bfloat16, None)):
+            f = jax.jit(lambda a, b: jnp.matmul(a.astype(dt), b.astype(dt), precision=prec,  # noqa: B023
+                                                preferred_element_type=jnp.float32))
+            f(a, b).block_until_ready()
+            ts = []
+            for _ in range(5):
+                t = time.perf_counter()
+                f(a, b).block_until_ready()
+                ts.append(time.perf_counter() - t)
+            out[name] = 2 * 4096 * 1792 * 4096 / sorted(ts)[2] / 1e9
+        return out
+    x = np.load(case["data"], mmap_mode="r")
+    if kind == "merge" and len(x) < case["m"]:
+        raise ValueError(f"{case['data']} has fewer than {case['m']} rows")
+    if kind == "finch":
+        x = np.asarray(x[:case["n"]])
+        from protoad_jax.clustering import finch
+        t = time.perf_counter()
+        res = finch.finch(x, num_clusters=case["k"])
+        seconds = time.perf_counter() - t
+        out = {"seconds": seconds, "levels": [int(c) for c in res.num_clusters],
+               "required_level": res.required_level}
+        stats = getattr(res, "stats", None)
+        if stats:
+            out["stats"] = stats
+        return out
+    if kind == "level0":  # the level-0 neighbour search alone (both implementations)
+        x = np.asarray(x[:case["n"]])
+        from protoad_jax.clustering import finch
+        t = time.perf_counter()
+        if hasattr(finch, "_first_neighbours"):  # before: float32 argmax, rectangular sweep
+            finch.first_neighbours(x).block_until_ready()
+        else:
+            from protoad_jax.clustering import neighbours
+            neighbours.first_neighbours(x)
+        return {"seconds": time.perf_counter() - t}
+    if kind == "merge":
+        from protoad_jax.clustering import merging
+        m = case["m"]
+        sums = np.asarray(x[:m], np.float64)
+        stats: dict = {}
+        t = time.perf_counter()
+        merging.merge_closest(sums, np.ones(m), case["k"], stats=stats)
+        return {"seconds": time.perf_counter() - t, **stats}
+    if kind == "coreset":
+        from protoad_jax.clustering import coreset
+        big = np.empty((case["n"], x.shape[1]), np.float16)  # the pipeline's all-patch array
+        for s in range(0, case["n"], len(x)):
+            big[s:s + len(x)] = x[:min(len(x), case["n"] - s)]
+        big += np.float16(1e-3) * np.random.default_rng(0).standard_normal(
+            (1, x.shape[1])).astype(np.float16)
+        t = time.perf_counter()
+        idx = coreset.greedy_coreset(big, case["budget"], 0)
+        return {"seconds": time.perf_counter() - t, "kept": len(idx)}
+    raise ValueError(kind)
+
+
+def _run(case: dict, pythonpath: Path = REPO) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(pythonpath), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--case={json.dumps(case)}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    for line in res.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": (res.stderr or res.stdout)[-2000:]}
+
+
+def _baseline_tree(rev: str) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="protoad_baseline_"))
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def main(argv):
+    del argv
+    if FLAGS.case:
+        case = json.loads(FLAGS.case)
+        out = _case(case)
+        from bench.harness import rss_mb  # after the work: its imports do not count
+
+        out["peak_rss_mb"] = rss_mb("VmHWM")
+        print("RESULT " + json.dumps(out))
+        return
+    lines = [(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")]
+
+    def emit(text=""):
+        print(text, flush=True)
+        lines.append(text)
+
+    peaks = {}
+    if "peaks" in FLAGS.cases:
+        peaks = _run({"kind": "peaks"})
+        emit(f"\nMatmul peaks (jitted 4096 x 1792 x 4096): float32 {peaks['float32']:.0f} GFLOP/s, "
+             f"bfloat16 {peaks['bfloat16']:.0f} GFLOP/s")
+    if "finch" in FLAGS.cases:
+        n, k = FLAGS.finch_n, FLAGS.k
+        data = str(_patches(n))
+        emit(f"\nFINCH, {n} real-photo patches (float16), K={k}:\n")
+        emit("| implementation | total s | level-0 search s | effective GFLOP/s (2 n^2 d / s) | "
+             "of float32 peak | levels | peak RSS MB |")
+        emit("|---|---|---|---|---|---|---|")
+        impls = [("after (this checkout)", REPO)]
+        if FLAGS.baseline:
+            impls.insert(0, (f"before ({FLAGS.baseline})", _baseline_tree(FLAGS.baseline)))
+        for name, tree in impls:
+            r = _run({"kind": "finch", "data": data, "n": n, "k": k}, tree)
+            l0 = _run({"kind": "level0", "data": data, "n": n}, tree)
+            if "error" in r or "error" in l0:
+                emit(f"| {name} | error: {(r.get('error') or l0.get('error'))[-200:]!r} |||||")
+                continue
+            gf = 2 * n * n * 1792 / l0["seconds"] / 1e9
+            frac = f"{gf / peaks['float32']:.0%}" if peaks else "—"
+            emit(f"| {name} | {r['seconds']:.1f} | {l0['seconds']:.1f} | {gf:.0f} | {frac} | "
+                 f"{r['levels']} | {r['peak_rss_mb']:.0f} |")
+            if "stats" in r:
+                for lv, s in enumerate(r["stats"]["levels"]):
+                    emit(f"  level {lv}: {s['n']} rows, re-ranked in float64 {s['reranked'] / s['n']:.1%}, "
+                         f"device fallbacks {s['fallbacks']}, exhaustive float64 {s['exhaustive']}, "
+                         f"duplicates {s['duplicates']}")
+                if "merge" in r["stats"]:
+                    emit(f"  required K: merged from {r['stats']['merge']['start']} clusters "
+                         f"(level {r['required_level']}), {r['stats']['merge']['refreshes']} refreshes")
+    if "merge" in FLAGS.cases:
+        emit(f"\nClosest-pair merging down to K={FLAGS.k} (merging.merge_closest; singleton clusters "
+             "= real-photo patches):\n")
+        emit("| start clusters | seconds | refreshes | exact cosines | peak RSS MB | run or projected |")
+        emit("|---|---|---|---|---|---|")
+        last = None
+        for m in sorted(map(int, FLAGS.merge_sizes)):
+            if m > FLAGS.merge_run_max and last is not None:
+                lm, lr = last
+                s = lr["seconds"] * (m / lm) ** 2  # candidate pass ~m^2 d, screens ~m per merge
+                mb = lr["peak_rss_mb"] * m / lm
+                emit(f"| {m} | ~{s:.0f} | — | — | ~{mb:.0f} | projected from {lm} (time ~m^2, "
+                     "memory ~m) |")
+                continue
+            r = _run({"kind": "merge", "data": str(_patches(m)), "m": m, "k": FLAGS.k})
+            if "error" in r:
+                emit(f"| {m} | error: {r['error'][-200:]!r} ||||")
+                continue
+            emit(f"| {m} | {r['seconds']:.1f} | {r['refreshes']} | {r['exact']} | "
+                 f"{r['peak_rss_mb']:.0f} | run |")
+            last = (m, r)
+    if "coreset" in FLAGS.cases:
+        n, b = FLAGS.coreset_n, FLAGS.coreset_budget
+        r = _run({"kind": "coreset", "data": str(_patches(min(n, 62720))), "n": n, "budget": b})
+        emit(f"\nCoreset over {n} x 1792 float16 patches, budget {b}: " + (
+            f"{r['seconds']:.1f} s ({r['seconds'] / b * 1000:.1f} ms per pick), peak RSS "
+            f"{r['peak_rss_mb']:.0f} MB" if "error" not in r else f"error {r['error'][-300:]!r}"))
+    if FLAGS.output:
+        from protoad_jax import fileio
+        fileio.atomic_write(Path(FLAGS.output), lambda f: f.write("\n".join(lines) + "\n"), mode="w")
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))

@@ -1,0 +1,331 @@
+"""What every measurement shares: flags, tables, alternating timers, the compile counter, the
+same-weights models, fresh-process cases and the BENCHMARKS.md writer."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import importlib
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+import protoad_jax
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("threads", len(os.sched_getaffinity(0)),
+                     "Cores for torch (set_num_threads) and JAX (process CPU affinity).")
+flags.DEFINE_integer("repeats", 3, "Timed calls after warm-up; the median is reported.")
+flags.DEFINE_float("budget_s", 20.0,
+                   "Stop repeating a measurement (after 2 timed calls) past this many seconds.")
+flags.DEFINE_string("arch", "wide_resnet50_2", "Backbone architecture.")
+flags.DEFINE_string("weights", None,
+                    "Converted .npz; default random weights (speed does not depend on values).")
+flags.DEFINE_integer("cluster_timeout_s", 3600, "cluster, scale: per-case subprocess timeout.")
+
+C = 1792  # embedding channels
+SCRIPTS = Path(__file__).resolve().parent.parent
+REPO = SCRIPTS.parent
+
+
+class Table:
+    """A titled markdown table with notes below it."""
+
+    def __init__(self, title: str, header: list[str]):
+        self.title, self.header, self.rows, self.notes = title, header, [], []
+
+    def add(self, *cells) -> None:
+        self.rows.append([_fmt(c) for c in cells])
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |",
+                 "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        if self.notes:
+            lines += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def print(self) -> Table:
+        print(self.markdown(), flush=True)
+        return self
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+    return "—" if x is None else str(x)
+
+
+class CompileLog(logging.Handler):
+    """Counts JAX compilations (``jax_log_compiles``) and sums trace + lower + XLA compile seconds.
+
+    Installed once on the ``jax`` logger with propagation off, so the compile log does not flood
+    stderr; other warnings are passed on to stderr.
+    """
+
+    _TIMED = re.compile(r"Finished (tracing|jaxpr to MLIR|XLA compilation).* in ([0-9.eE+-]+) sec")
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.compiles, self.seconds, self.names = 0, 0.0, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        timed = self._TIMED.match(msg)
+        if msg.startswith("Compiling "):
+            self.compiles += 1
+            self.names.append(msg[len("Compiling "):].split(" with ")[0])
+        elif timed:
+            self.seconds += float(timed.group(2))
+        elif record.levelno >= logging.WARNING:
+            sys.stderr.write(f"{record.name}: {msg}\n")
+
+    def snapshot(self) -> tuple[int, float]:
+        return self.compiles, self.seconds
+
+
+COMPILE_LOG = CompileLog()
+
+
+def log_compiles() -> None:
+    import jax
+
+    jax.config.update("jax_log_compiles", True)
+    jax_logger = logging.getLogger("jax")
+    jax_logger.addHandler(COMPILE_LOG)
+    jax_logger.propagate = False
+
+
+def setup() -> None:
+    """Pins the process (and so XLA's thread pool and any child) to --threads cores and counts
+    compilations. Must run before JAX initialises its CPU client."""
+    cores = sorted(os.sched_getaffinity(0))
+    if FLAGS.threads < 1:
+        raise app.UsageError(f"--threads must be >= 1, got {FLAGS.threads}")
+    if FLAGS.threads < len(cores):
+        os.sched_setaffinity(0, cores[:FLAGS.threads])
+    log_compiles()
+
+
+def torch_threads():
+    """torch, with torch and OpenCV set to --threads threads."""
+    import cv2
+    import torch
+
+    torch.set_num_threads(FLAGS.threads)
+    cv2.setNumThreads(FLAGS.threads)
+    return torch
+
+
+def timed(fns, repeats: int, budget_s: float | None = None) -> list[list[float]]:
+    """Seconds per call of each of ``fns`` (warmed up by the caller) over up to ``repeats``
+    rounds; a round calls every function once in turn, so that all of them see the same
+    background load. Stops after >= 2 rounds once ``budget_s`` has passed."""
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times, strict=True):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        if budget_s is not None and len(times[0]) >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def medians(*fns, repeats: int | None = None) -> list[float]:
+    """Median seconds per call of each function, timed in alternating rounds (``timed``)."""
+    times = timed(fns, repeats or FLAGS.repeats, FLAGS.budget_s)
+    return [statistics.median(t) for t in times]
+
+
+@functools.cache
+def models():
+    """``(torchvision model, Flax variables)`` with the same (random or given) weights."""
+    import jax
+    import numpy as np
+    import torchvision
+    from flax import traverse_util
+
+    from protoad_jax.weights import to_flax
+
+    torch = torch_threads()
+    tmodel = getattr(torchvision.models, FLAGS.arch)().eval()
+    if FLAGS.weights:
+        from protoad_jax.weights import load_variables
+
+        variables = load_variables(FLAGS.weights, arch=FLAGS.arch)
+        flat = traverse_util.flatten_dict(variables, sep="/")
+        sd = {}
+        for key, value in tmodel.state_dict().items():  # torch side gets the same weights
+            match = [k for k in to_flax({key: value.numpy()}) if k in flat]
+            if match:
+                v = np.asarray(flat[match[0]])
+                v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v
+                sd[key] = torch.from_numpy(np.ascontiguousarray(v))
+        tmodel.load_state_dict(sd, strict=False)
+    else:
+        sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}
+        variables = traverse_util.unflatten_dict(to_flax(sd), sep="/")
+    return tmodel, jax.device_put(variables)
+
+
+def torch_trunk(tmodel, x):
+    """torchvision trunk to layer3, no_grad: ``[b, 3, s, s]`` -> ``[b, 1024, s/16, s/16]``."""
+    import torch
+
+    with torch.no_grad():
+        h = tmodel.maxpool(tmodel.relu(tmodel.bn1(tmodel.conv1(x))))
+        return tmodel.layer3(tmodel.layer2(tmodel.layer1(h)))
+
+
+def prototypes(k: int, seed: int = 0):
+    """``[k, 1792]`` float32 unit rows (what ``fit`` stores with the default config)."""
+    import numpy as np
+
+    from protoad_jax import scoring
+
+    p = np.random.default_rng(seed).standard_normal((k, C), dtype=np.float32)
+    return np.asarray(scoring.prepare_prototypes(p, normalize=True))
+
+
+def images(n: int, size: int = 224, seed: int = 0):
+    """``[n, size, size, 3]`` float32 standard normal, as preprocessed images."""
+    import numpy as np
+
+    return np.random.default_rng(seed).standard_normal((n, size, size, 3), dtype=np.float32)
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ----------------------------------------------------------------------------- fresh-process cases
+
+
+def run_case(module: str, case: dict) -> dict:
+    """Runs ``module.case(case)`` in a fresh Python process (``case_main``) and returns its result:
+    ``case`` plus the dict it returned, ``runtime_mb`` (RSS after JAX start-up) and ``peak_mb``
+    (the process's VmHWM), or ``case`` plus ``error``. The child inherits the CPU affinity."""
+    timeout_s = FLAGS.cluster_timeout_s
+    cmd = [sys.executable, "-c", "from bench import harness; harness.case_main()", module,
+           json.dumps(case)]
+    # The child imports bench (from its cwd) and protoad_jax from where this process did.
+    path = [str(Path(protoad_jax.__file__).resolve().parent.parent),
+            *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s,
+                              cwd=SCRIPTS, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(case, error=f"timeout after {timeout_s} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return dict(case, error=f"exit {proc.returncode}: {' / '.join(tail)[:300]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def case_main() -> None:
+    """The child of ``run_case``: ``sys.argv[1:] = [module, case json]``; prints ``RESULT {json}``."""
+    import jax.numpy as jnp
+
+    log_compiles()
+    module, case = importlib.import_module(sys.argv[1]), json.loads(sys.argv[2])
+    jnp.zeros(1).block_until_ready()  # initialise the runtime before the baseline
+    runtime_mb = rss_mb()
+    info = module.case(case)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec from the parent process.
+    print("RESULT " + json.dumps(dict(case, runtime_mb=runtime_mb, peak_mb=rss_mb("VmHWM"), **info)),
+          flush=True)
+
+
+# ----------------------------------------------------------------------------- BENCHMARKS.md
+
+_SIMD = re.compile(r"sse4_2|avx\w*|fma|f16c|amx\w*|asimd\w*|sve\w*|sme(?!p$)\w*")  # not smep (x86)
+
+
+def _cpu() -> dict[str, str]:
+    """``lscpu``'s fields (``/proc/cpuinfo``'s where lscpu is missing)."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True,
+                              env=dict(os.environ, LC_ALL="C")).stdout
+    except (OSError, subprocess.CalledProcessError):
+        text = Path("/proc/cpuinfo").read_text().split("\n\n")[0]  # the first processor
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
+def machine() -> list[str]:
+    """Lines describing CPU (model, family, hypervisor, caches, vector ISA flags), RAM, software."""
+    import jax
+    import jaxlib
+    import torch
+
+    cpu = _cpu()
+    model = cpu.get("model name") or platform.processor() or "unknown"
+    ident = ", ".join(f"{k} {cpu[k]}" for k in ("cpu family", "model", "stepping") if cpu.get(k))
+    extra = [f"{cpu['hypervisor vendor']} guest"] if cpu.get("hypervisor vendor") else []
+    extra += [f"{k} {cpu[k]}" for k in ("l2 cache", "l3 cache") if cpu.get(k)]
+    simd = [f for f in cpu.get("flags", "").split() if _SIMD.fullmatch(f)]
+    mem = re.search(r"MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text())
+    return [
+        (f"CPU: {model}" + (f" ({ident})" if ident else "") + f", {os.cpu_count()} cores "
+         f"({len(os.sched_getaffinity(0))} used)" + "".join(f", {e}" for e in extra)),
+        f"CPU vector flags: {' '.join(simd) or 'none reported'}",
+        f"RAM: {int(mem.group(1)) / 2**20:.1f} GiB" if mem else "RAM: unknown",
+        (f"Python {platform.python_version()}, jax {jax.__version__}, jaxlib "
+         f"{jaxlib.__version__}, torch {torch.__version__}, devices "
+         f"{[str(d) for d in jax.devices()]}"),
+        f"OS: {platform.platform()}",
+    ]
+
+
+def write_benchmarks(out: Path, tables: list[Table], start: float,
+                     load_start: tuple[float, ...]) -> None:
+    """Rewrites ``out`` atomically: command, date, duration since ``start`` (``time.time()``),
+    machine, threads, load averages, then the tables."""
+    from protoad_jax.fileio import atomic_write
+
+    load_end = os.getloadavg()
+    command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = "\n".join([
+        "# Benchmarks",
+        "",
+        "Written by `scripts/benchmark.py all` (rerun it to refresh this file).",
+        "",
+        f"- Command: `{command}`",
+        f"- Date: {date}; the run took {(time.time() - start) / 60:.1f} min.",
+        *[f"- {line}" for line in machine()],
+        (f"- Threads: torch.set_num_threads({FLAGS.threads}), cv2.setNumThreads({FLAGS.threads}); "
+         f"JAX/XLA on the same {FLAGS.threads} cores (process CPU affinity). "
+         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; the jitted regions compile with "
+         "protoad_jax.xla_cpu.compiler_options(), as in every program."),
+        (f"- Load average (1 min): {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end. "
+         "JAX and torch calls alternate within each measurement, so background load affects "
+         "their ratios less than their absolute timings."),
+        ("- Weights and prototypes are random (speed does not depend on their values); float32; "
+         "JAX default matmul precision. Timings are medians over repeats after warm-up, results "
+         "blocked until ready, compile time reported apart (clustering: see its notes)."),
+        "",
+        *[t.markdown() for t in tables],
+    ])
+    atomic_write(out, lambda f: f.write(text), mode="w")
+    print(f"wrote {out}")
