@@ -90,7 +90,6 @@ def run_category(dataset: str, data_dir: str | Path | None, category: str, out_d
     t0 = time.perf_counter()
     model = pipeline.fit(inputs.train, net.path, config=config, variables=net.variables,
                          batch_size=batch_size, progress=progress)
-    model.save(cat_dir / "model.npz")
     t1 = time.perf_counter()
     test = score_test(model, inputs, net, batch_size=batch_size, progress=progress,
                       skip_bad_images=skip_bad_images)
@@ -110,6 +109,7 @@ def run_category(dataset: str, data_dir: str | Path | None, category: str, out_d
         "seconds_fit_total": round(t1 - t0, 3), "seconds_scoring": round(t2 - t1, 3),
         "seconds_metrics": round(t3 - t2, 3), "backbone": net.description, "fit_info": model.info,
     }
+    model.save(cat_dir / "model.npz")  # after scoring: a bad test image leaves nothing behind
     result.update(write_category(cat_dir, category, test, measured, model, config,
                                  save_raw_maps=save_raw_maps, num_overlays=num_overlays))
     fileio.write_json(cat_dir / "result.json", result)  # last: marks the category finished

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import re
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -364,10 +363,9 @@ def _check_against_artifact(manifest: dict[str, Any], exported: jax_export.Expor
 
 def _load_weights(path: Path, avals: dict[str, Any], fix: str) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise ExportError(f"{path} is not a readable .npz ({type(e).__name__}: {e}); {fix}") from e
+        arrays = fileio.read_npz(path)
+    except ValueError as e:
+        raise ExportError(f"{path} is not a readable .npz ({e}); {fix}") from e
     missing, unexpected = sorted(set(avals) - set(arrays)), sorted(set(arrays) - set(avals))
     bad = [f"{k}: {arrays[k].dtype}{list(arrays[k].shape)} != {avals[k].dtype}{list(avals[k].shape)}"
            for k in sorted(set(avals) & set(arrays))

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,25 @@ def sha256_file(path: str | os.PathLike) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz``, never unpickling anything.
+
+    Raises:
+      ValueError: the file is not a readable ``.npz`` (the reason, without the path: callers
+        name the file and the fix).
+    """
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not an .npz file (no zip archive: empty, truncated or another format)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        why = str(e)
+        if "allow_pickle" in why:  # numpy's advice to unpickle: never, for a file from elsewhere
+            why = "it holds pickled (object) arrays, which are never loaded"
+        raise ValueError(f"{type(e).__name__}: {why}") from e
 
 
 def flatten_tree(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from protoad_jax.config import EMBED_CHANNELS, Config
 from protoad_jax.errors import InputError
-from protoad_jax.fileio import atomic_write, json_default
+from protoad_jax.fileio import atomic_write, json_default, read_npz
 
 FORMAT_VERSION = 1
 MODEL_KEYS = ("format_version", "prototypes", "config", "meta")  # the arrays of a model file
@@ -96,11 +95,10 @@ def load_model(path: str | os.PathLike) -> Model:
         raise ModelFileError(f"model file {path} does not exist; fit one with protoad_jax.fit() "
                                 "or `protoad evaluate` (it writes <output_dir>/<category>/model.npz)")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            contents = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        contents = read_npz(path)
+    except ValueError as e:
         raise ModelFileError(f"model file {path} is truncated or not an .npz written by protoad_jax "
-                         f"({type(e).__name__}: {e}); re-create it with Model.save()") from e
+                             f"({e}); re-create it with Model.save()") from e
     missing = sorted(set(MODEL_KEYS) - set(contents))
     if missing:
         raise ModelFileError(f"{path} is not a protoad_jax model file: missing {missing} "

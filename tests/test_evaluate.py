@@ -282,7 +282,7 @@ def test_missing_weights_errors_name_no_flag_and_the_scripts_add_it(tmp_path, mo
         raise weights.DownloadError("could not download U: refused. Download it by hand.", "U",
                                     tmp_path / "w.pth")
 
-    monkeypatch.setattr(weights, "ensure_weights", offline)
+    monkeypatch.setattr(weights.backbones, "ensure_weights", offline)
     with pytest.raises(weights.NoWeightsError) as e:
         weights.resolve_backbone(None)
     print("resolve_backbone:", e.value)
@@ -291,7 +291,7 @@ def test_missing_weights_errors_name_no_flag_and_the_scripts_add_it(tmp_path, mo
     with pytest.raises(weights.NoWeightsError) as e:
         weights.backbone_for_model(random_model)
     assert "random-init backbone" in str(e.value) and "--" not in str(e.value)
-    monkeypatch.setattr(weights, "ensure_weights", lambda arch: {}["bug"])
+    monkeypatch.setattr(weights.backbones, "ensure_weights", lambda arch: {}["bug"])
     with pytest.raises(KeyError):  # a bug is not "no weights": it propagates
         weights.resolve_backbone(None, demo=True)
 
@@ -312,7 +312,7 @@ def test_evaluate_cli_memory_error_is_one_line_with_the_flag(tmp_path, weights_n
     runs before the work; free memory is faked small in the script's process)."""
     root = _tiny_mvtec(tmp_path / "data")
     path = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    code = ("import runpy, sys; from protoad_jax import memory; "
+    code = ("import runpy, sys; from protoad_jax.clustering import memory; "
             "memory.available_host = lambda: 10**6; "
             f"sys.argv = ['evaluate.py', '--dataset=mvtec', '--data_dir={root}', "
             f"'--categories=demo_object', '--weights={weights_npz}', "

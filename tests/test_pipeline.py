@@ -208,7 +208,7 @@ def test_model_file_errors(models, tmp_path):
     np.savez(tmp_path / "badjson.npz", **dict(contents, config=np.array("{not json")))
     with pytest.raises(ValueError, match="unreadable config or meta"):
         protoad_jax.load_model(tmp_path / "badjson.npz")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(protoad_jax.ModelFileError, match="does not exist"):
         protoad_jax.load_model(tmp_path / "missing.npz")
 
 
@@ -294,7 +294,7 @@ def test_scorer_inside_user_jit_and_vmap(wrn, images, models):
               f"per-slice calls: max abs err {err:.2e} (tol 1e-6)")
         assert err <= 1e-6
     # The boundary checks still fire on tracers, at trace time.
-    with pytest.raises(ValueError, match="must be float32"):
+    with pytest.raises(ValueError, match="scores float32 images"):
         jax.jit(scorer)(jnp.zeros((B, 224, 224, 3), jnp.bfloat16))
 
 
@@ -341,15 +341,15 @@ def test_bad_images_are_clear_errors(wrn, images, models):
     scorer = protoad_jax.make_scorer(models["finch_norm"], wrn.variables)
     x = images.jax_x[:B]
     with pytest.raises(ValueError,
-                       match=r"must be \[batch >= 1, 224, 224, 3\].*got shape \(2, 200, 200, 3\)"):
+                       match=r"scores images of shape \[b, 224, 224, 3\].*got shape \[2, 200, 200, 3\]"):
         scorer(x[:, :200, :200])
-    with pytest.raises(ValueError, match=r"got shape \(224, 224, 3\)"):
+    with pytest.raises(ValueError, match=r"got shape \[224, 224, 3\]"):
         scorer(x[0])
-    with pytest.raises(ValueError, match=r"got shape \(2, 3, 224, 224\)"):
+    with pytest.raises(ValueError, match=r"got shape \[2, 3, 224, 224\]"):
         scorer(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # NCHW
-    with pytest.raises(ValueError, match="must be float32.*got dtype float64"):
+    with pytest.raises(ValueError, match="scores float32 images.*got dtype float64"):
         scorer(x.astype(np.float64))
-    with pytest.raises(ValueError, match="must be float32.*got dtype uint8"):
+    with pytest.raises(ValueError, match="scores float32 images.*got dtype uint8"):
         scorer(np.clip(x * 50 + 128, 0, 255).astype(np.uint8))
     for bad in (np.nan, np.inf):
         y = x.copy()
@@ -358,7 +358,7 @@ def test_bad_images_are_clear_errors(wrn, images, models):
             scorer(y)
         with pytest.raises(ValueError, match="NaN or inf pixels"):
             scorer(jnp.asarray(y))
-    with pytest.raises(ValueError, match="must be float32.*got dtype float64"):
+    with pytest.raises(ValueError, match="scores float32 images.*got dtype float64"):
         protoad_jax.fit([x[0].astype(np.float64)], weights=wrn.path, progress=False)
 
 

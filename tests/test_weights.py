@@ -498,7 +498,8 @@ def test_load_variables_lists_every_problem_in_one_error(tmp_path):
     assert "unexpected: params/layer1/0/conv9/kernel" in msg
     assert "misshapen: batch_stats/bn1/mean: expected (64,), found (65,)" in msg
     assert (
-        str(path) in msg and "convert_weights.py, as arch resnet50" in msg and "3 problem(s)" in msg
+        str(path) in msg and "protoad convert-weights" in msg and "as arch resnet50" in msg
+        and "3 problem(s)" in msg
     )
     with pytest.raises(FileNotFoundError, match="convert_weights.py"):
         weights.load_variables(tmp_path / "nope.npz")

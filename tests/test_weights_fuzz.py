@@ -43,7 +43,7 @@ import numpy as np
 import pytest
 import torch
 
-from protoad_jax import weights
+from protoad_jax.weights import torch_reader
 from protoad_jax.weights import CheckpointError, load_state_dict
 
 SEED = 20240610
@@ -440,7 +440,7 @@ _SET_DEFAULTS = (  # BUILD (None, {"__defaults__": (1, 2, 3)}) on an admitted fu
 def test_reader_refuses_hostile_pickles(tmp_path, pickled, why):
     path = tmp_path / "hostile.pth"
     path.write_bytes(_legacy_file(pickled))
-    defaults = weights._rebuild_tensor_v2.__defaults__
+    defaults = torch_reader._rebuild_tensor_v2.__defaults__
     tracemalloc.start()
     t0 = time.process_time()
     try:
@@ -452,7 +452,7 @@ def test_reader_refuses_hostile_pickles(tmp_path, pickled, why):
     print(f"  {seconds * 1e3:.1f} ms, peak {peak} bytes: {e.value}")
     assert str(path) in str(e.value)
     assert seconds < SECONDS_PER_MUTANT and peak < MEMORY_PER_MUTANT(path.stat().st_size)
-    assert weights._rebuild_tensor_v2.__defaults__ == defaults  # the file changed nothing
+    assert torch_reader._rebuild_tensor_v2.__defaults__ == defaults  # the file changed nothing
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])

@@ -29,6 +29,16 @@ non-deterministic neighbours); here first neighbours, link lengths, ``min_sim``,
 merges are float64 decisions, so a partition is the same on any device, precision, chunking or
 device count. Cluster means are accumulated in float64 on the host; the ``O(n^2 d)`` candidate
 searches run on the accelerator.
+
+Exact ties: copies (byte-identical samples) are settled by index before any arithmetic, so the
+same on every CPU: their cosine is exactly 1 (distance 0), the largest there is; a copy's first
+neighbour is the lowest-index other copy; and when ``K`` exceeds the level-0 count, copies merge
+before any other pair, group by group in order of first copy, the first copy absorbing the
+others in index order (``merging.merge_closest(copies=...)``). Computed as ``sum / count`` and
+dot products, clusters of copies have equal means only up to the last bit, which depends on the
+count and the CPU's SIMD summation order, and so would the labels. Above the samples no two
+clusters consist of copies of one row (level 0 links every copy to the first). Any other pair
+with equal float64 cosines goes to the lowest pair, as float64 decides it.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ import scipy.sparse.csgraph
 from jax.sharding import Mesh
 
 from protoad_jax.clustering import memory, merging
-from protoad_jax.clustering.neighbours import cosine64, first_neighbours, unit64
+from protoad_jax.clustering.neighbours import cosine64, duplicate_groups, first_neighbours, unit64
 
 _SUM_ROWS = 16384  # rows per block of the float64 cluster sums
 _BUDGET_HINT = "subsample the patches (Config.max_patches)"
@@ -62,7 +72,8 @@ class FinchResult(NamedTuple):
         ``K`` (-1: the samples themselves, when ``K`` exceeds the level-0 count); else None.
       min_sim: the early-exit distance threshold (None when off or ``n <= 2``).
       stats: per level ``levels`` (first-neighbour counters: ``reranked``, ``fallbacks``,
-        ``exhaustive``, ``duplicates``) and ``merge`` (``merges``, ``refreshes``, ``start``).
+        ``exhaustive``, ``duplicates``) and ``merge`` (``merges``, ``copies``, ``refreshes``,
+        ``exact``, ``start``).
     """
 
     partitions: list[np.ndarray]
@@ -102,14 +113,18 @@ def _distance(rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _sibling_diameter(rows: np.ndarray, kappa: np.ndarray) -> float:
-    """Largest cosine distance between two samples that share a first neighbour."""
+    """Largest cosine distance between two samples that share a first neighbour (copies of a
+    row, and a row with itself, at distance exactly 0: one copy of each row is compared)."""
     order = np.argsort(kappa, kind="stable")
     _, starts, sizes = np.unique(kappa[order], return_index=True, return_counts=True)
     worst = 0.0
     for s, k in zip(starts[sizes >= 2], sizes[sizes >= 2]):
-        kids = unit64(rows[order[s:s + k]])
-        for r in range(0, k, 1024):
-            worst = max(worst, 1.0 - float(np.clip(kids[r:r + 1024] @ kids.T, -1, 1).min()))
+        kids = rows[order[s:s + k]]
+        kids = unit64(kids[duplicate_groups(kids) == np.arange(k)])
+        for r in range(0, len(kids), 1024):
+            sim = np.clip(kids[r:r + 1024] @ kids.T, -1, 1)
+            sim[np.arange(len(sim)), r + np.arange(len(sim))] = 1.0
+            worst = max(worst, 1.0 - float(sim.min()))
     return min(worst, 2.0)
 
 
@@ -257,15 +272,20 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
                          f"ask for a K closer to a FINCH level or {_BUDGET_HINT}",
                          host=merging.host_bytes(m, d) + (m * d * 8 if req_level < 0 else 0),
                          device=m * d * 4 + m * 512)
+            # Exact ties: copies of a sample (byte-identical rows) are settled by index before
+            # any arithmetic. A level has none: level 0 links every copy to the first one, so
+            # no two clusters of a level consist of copies of the same row.
             if req_level >= 0:
                 base_labels = partitions[req_level]
                 base_sums, base_counts = kept[req_level]
+                copies = None
             else:
                 base_labels, base_counts = np.arange(n, dtype=np.int32), np.ones(n)
                 base_sums = np.asarray(xh, np.float64)
+                copies = duplicate_groups(xh)
             merge_stats: dict = {}
-            merged_labels = merging.merge_closest(base_sums, base_counts, k, stats=merge_stats,
-                                                  **kw)
+            merged_labels = merging.merge_closest(base_sums, base_counts, k, copies=copies,
+                                                  stats=merge_stats, **kw)
             stats["merge"] = dict(merge_stats, start=m)
             req_labels = merged_labels[base_labels].astype(np.int32)
             msums = _sums(base_sums, merged_labels, k)

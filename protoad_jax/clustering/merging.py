@@ -36,6 +36,17 @@ number of exact cosines does.
 
 Every cosine that decides anything is a float64 dot product of float64 unit vectors (clipped to
 ``[-1, 1]``), as in ``neighbours``.
+
+Exact ties (docs/METHOD.md section 2). Clusters the caller declares ``copies`` (exactly equal
+means, e.g. copies of one sample: ``neighbours.duplicate_groups``) are settled by index before
+any arithmetic, so the result is the same bit for bit on every CPU: their cosine is exactly 1,
+the largest there is, so they merge before any other pair, lowest pair first (group by group in
+order of the group's first cluster, which absorbs the others in index order). Computed as
+``sum / count`` and dot products, equal means may differ in the last bit with the count and the
+SIMD summation order, and which tied pair looked closest would change with the CPU. A group of
+copies merged whole has the sum ``total count * (sum / count of its first cluster)``: the first
+cluster's mean, so the other copies' float sums never enter a decision. Equal float64 cosines
+between other pairs go to the lowest pair, as float64 decides them.
 """
 
 from __future__ import annotations
@@ -58,7 +69,8 @@ def host_bytes(m: int, d: int) -> int:
     return m * d * (3 * 8 + 2 * 4) + m * 2000
 
 
-def merge_closest(sums: np.ndarray, counts: np.ndarray, k: int, *, list_length: int = LIST_LENGTH,
+def merge_closest(sums: np.ndarray, counts: np.ndarray, k: int, *,
+                  copies: np.ndarray | None = None, list_length: int = LIST_LENGTH,
                   screen_dims: int = SCREEN_DIMS, chunk_size: int = 1024,
                   precision: str = "float32", mesh: Mesh | None = None,
                   stats: dict | None = None) -> np.ndarray:
@@ -68,19 +80,22 @@ def merge_closest(sums: np.ndarray, counts: np.ndarray, k: int, *, list_length: 
       sums: ``[m, d]`` sums of each cluster's original members (float64 preferred).
       counts: ``[m]`` member counts (> 0).
       k: clusters to keep, ``1 <= k <= m``.
+      copies: ``[m]`` int, for each cluster the lowest-numbered cluster with exactly the same mean
+        (itself when none): exact ties, settled by index before any arithmetic (module
+        docstring). None: none declared.
       list_length: candidate-list length ``L``.
       screen_dims: ``p``, dimensions of the projection that bounds cosines before exact ones
         (1 to 64; any value gives the same merges, only the speed changes).
       chunk_size, precision, mesh: the initial candidate pass (``neighbours.candidate_lists``).
-      stats: if given, filled with ``merges``, ``refreshes`` and ``exact`` (exact cosines
-        computed after the initial pass).
+      stats: if given, filled with ``merges``, ``copies`` (those of them settled by index),
+        ``refreshes`` and ``exact`` (exact cosines computed after the initial pass).
 
     Returns:
       ``[m]`` int32 label in ``[0, k)`` of each input cluster; labels numbered in order of the
       lowest input cluster of each merged group.
 
     Raises:
-      ValueError: bad ``k``, shapes, ``screen_dims``, or a zero sum (no direction).
+      ValueError: bad ``k``, shapes, ``screen_dims``, ``copies``, or a zero sum (no direction).
     """
     sums = np.array(sums, np.float64)  # a copy: merged in place
     m = sums.shape[0]
@@ -93,19 +108,42 @@ def merge_closest(sums: np.ndarray, counts: np.ndarray, k: int, *, list_length: 
         raise ValueError(f"merge_closest: screen_dims must be in [1, {SCREEN_DIMS}], "
                          f"got {screen_dims}")
     k = int(k)
-    owner = np.arange(m)
-    counters = {"merges": 0, "refreshes": 0, "exact": 0}
-    if k < m:
+    ids = np.arange(m)
+    owner = ids.copy()
+    counters = {"merges": m - k, "copies": 0, "refreshes": 0, "exact": 0}
+    todo = m - k
+    live = ids  # the clusters whose merges float64 decides
+    if copies is not None:
+        copies = np.asarray(copies)
+        if copies.shape != (m,) or not np.issubdtype(copies.dtype, np.integer) or not (
+                (copies >= 0) & (copies <= ids)).all() or not (copies[copies] == copies).all():
+            raise ValueError(f"merge_closest: copies must be [{m}] ints, each a group's lowest "
+                             "cluster (copies[i] <= i, copies[copies[i]] == copies[i])")
+        # Exact ties first, by index: groups in order of their first cluster, each absorbing its
+        # other clusters in index order (the lowest tied pair, again and again).
+        later = np.flatnonzero(copies != ids)
+        later = later[np.lexsort((later, copies[later]))][:todo]
+        owner[later] = copies[later]
+        todo -= len(later)
+        counters["copies"] = len(later)
+        if todo:  # every group merged whole: the first cluster's mean times the total count
+            live = np.flatnonzero(copies == ids)
+            total = np.bincount(copies, weights=counts, minlength=m)
+            group = live[np.bincount(copies, minlength=m)[live] > 1]
+            sums[group] = sums[group] / counts[group, None] * total[group, None]
+    if todo:
         norms = np.sqrt(np.einsum("nd,nd->n", sums, sums))
         if not (norms > 0).all():
             raise ValueError("merge_closest: a cluster mean is zero (no direction for the cosine)")
-        state = _State(sums, norms, m - k, list_length, int(screen_dims), chunk_size, precision,
+        if len(live) < m:  # the merged groups' other clusters leave
+            sums, norms = sums[live], norms[live]
+        state = _State(sums, norms, todo, list_length, int(screen_dims), chunk_size, precision,
                        mesh)
-        for step in range(1, m - k + 1):
+        for step in range(1, todo + 1):
             i, j = state.closest_pair()
-            owner[j] = i
+            owner[live[j]] = live[i]  # live is ascending: slot order is cluster order
             state.merge(i, j, step)
-        counters.update(merges=m - k, refreshes=state.refreshes, exact=state.exact)
+        counters.update(refreshes=state.refreshes, exact=state.exact)
     if stats is not None:
         stats.update(counters)
     while True:  # follow merge chains to the surviving slot

@@ -15,9 +15,13 @@ float64 one (lowest index on exact ties) while the ``O(n^2 d)`` work runs at har
 3. Fallback: when even the ``c``-th candidate is inside the window (more near ties than ``c``),
    nothing outside the list is excluded and that query is searched exhaustively in float64.
 
-Exact duplicates (identical rows: blank images give identical patches) are detected by hashing
-the rows; a duplicate's first neighbour is the lowest-index other copy, and only the first copy
-of each row is a key in the candidate pass, so copies never crowd a candidate list.
+Exact duplicates (byte-identical rows: blank images give identical patches) are detected by
+hashing the rows (bytes verified) and settled by index before any arithmetic, so the same on
+every CPU (docs/METHOD.md section 2): a copy's first neighbour is the lowest-index other copy,
+ahead of any other row (their cosine is exactly 1, the largest there is), and its similarity is
+exactly 1, not a computed ``u . u`` whose last bit depends on the SIMD summation order. Only the
+first copy of each row is a key in the candidate pass, so copies never crowd a candidate list
+and a row's first neighbour among copies is the first one.
 
 "Float64 arithmetic" here: rows normalised in float64, dot products in float64, the cosine
 clipped to ``[-1, 1]`` (as ``1 - cos`` is clipped to ``[0, 2]`` by scikit-learn's cosine
@@ -59,7 +63,8 @@ class Neighbours(NamedTuple):
 
     Attributes:
       index: ``[n]`` int32, ``index[i] = argmax_{j != i} cos(x_i, x_j)``, lowest ``j`` on ties.
-      similarity: ``[n]`` float64, that cosine (float64 arithmetic, clipped to ``[-1, 1]``).
+      similarity: ``[n]`` float64, that cosine (float64 arithmetic, clipped to ``[-1, 1]``;
+        exactly 1 between copies).
       reranked: queries whose window held two or more candidates (re-ranked in float64).
       fallbacks: queries with more near ties than ``candidates``: searched again on the device
         keeping ``fallback_candidates``.
@@ -220,7 +225,8 @@ def cosine64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def duplicate_groups(x: np.ndarray) -> np.ndarray:
-    """``[n]`` int64: for each row the index of the first row identical to it (itself if none)."""
+    """``[n]`` int64: for each row the index of the first row with the same bytes (itself if
+    none): the exact duplicates, found by hashing and verified byte for byte."""
     n = x.shape[0]
     flat = np.ascontiguousarray(x).reshape(n, -1)
     words = flat.view(np.uint8).reshape(n, -1)
@@ -395,7 +401,7 @@ def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candi
     bound = error_bound(d, prec)
 
     index = np.full(n, -1, np.int64)
-    # Duplicates: the lowest-index other copy (its float64 cosine is that of the row with itself).
+    # Duplicates: the lowest-index other copy, cosine exactly 1 (set below).
     dup_rows = np.flatnonzero(np.bincount(first, minlength=n)[first] >= 2)
     if len(dup_rows):
         index[dup_rows] = first[dup_rows]
@@ -425,6 +431,7 @@ def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candi
     similarity = np.empty(n, np.float64)
     for s in range(0, n, 8192):
         similarity[s:s + 8192] = cosine64(xh[s:s + 8192], xh[index[s:s + 8192]])
+    similarity[dup_rows] = 1.0
     return Neighbours(index.astype(np.int32), similarity, reranked=int(reranked),
                       fallbacks=int(fallbacks), exhaustive=int(exhaustive),
                       duplicates=len(dup_rows), precision=prec, bound=bound)

@@ -17,7 +17,6 @@ import json
 
 from absl import flags
 
-from protoad_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model .npz written by fit()/evaluate.py.", required=True)

@@ -28,6 +28,7 @@ from protoad_jax.datasets.folders import (
 )
 from protoad_jax.datasets.folders import list_categories as list_folder_categories
 from protoad_jax.errors import DatasetError, InputError, SettingsError
+from protoad_jax.input_pipeline import check_mask_matches
 
 NAMES = ("mvtec", "btad", "folder", "tfds:mvtec_ad", "tfds:btad")
 
@@ -70,7 +71,8 @@ def load(dataset: str, data_dir: str | Path | None, category: str, config: Confi
     builder (``tfds:mvtec_ad``, ``tfds:btad``), in the same order either way.
 
     Raises:
-      DatasetError: the folder does not have the layout (the message names what is missing).
+      DatasetError: the folder does not have the layout (the message names what is missing),
+        or a mask's size differs from its image's (checked from the file headers).
       InputError: a ``tfds:`` name without the ``[tfds]`` extra installed.
     """
     _check_name(dataset)
@@ -83,6 +85,9 @@ def load(dataset: str, data_dir: str | Path | None, category: str, config: Confi
     if data_dir is None:
         raise SettingsError(f"dataset {dataset!r} needs its root folder (data_dir)")
     cat = read_dataset(dataset, data_dir, category)
+    for it in cat.test:  # image headers only: a mismatch is found before any fitting
+        if it.mask_path is not None:
+            check_mask_matches(it.path, it.mask_path)
     return Inputs(cat.train, [it.path for it in cat.test], cat.test, cat.has_masks)
 
 

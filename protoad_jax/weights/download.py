@@ -3,6 +3,7 @@ with progress, checksum and atomic write."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 import re
@@ -15,6 +16,8 @@ from typing import NamedTuple
 from protoad_jax import fileio, progress
 from protoad_jax.errors import InputError
 from protoad_jax.fileio import sha256_file
+
+_CHUNK = 1 << 20  # download read size
 
 
 class WeightsFile(NamedTuple):

@@ -84,9 +84,8 @@ def load_variables(
         raise WeightsFileError(f"no weights file {path}; {fix}")
     expected = expected_shapes(arch, last_stage)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            flat = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, EOFError) as e:
+        flat = fileio.read_npz(path)
+    except ValueError as e:
         raise WeightsFileError(f"{path} is not a readable .npz ({e}); {fix}") from None
     problems = contract_problems({k: v.shape for k, v in flat.items()}, expected)
     bad_dtype = [
