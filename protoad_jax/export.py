@@ -17,7 +17,7 @@ artifact, and returns ``(scorer, manifest)``; it imports neither Flax nor the fi
 
 The weights travel as an argument rather than as constants inside the artifact: both give the
 same numbers, but with the weights as constants XLA compiled markedly slower and with a larger
-peak memory when this was measured (see the README, section "Export").
+peak memory when this was measured (docs/export.md).
 """
 
 from __future__ import annotations

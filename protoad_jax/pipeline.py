@@ -2,7 +2,8 @@
 
 Library functions elsewhere are per-image and plain; here they are composed into two jitted
 regions, each built once per static configuration and cached (15 categories never recompile).
-Clustering's jit sits at its own door (``protoad_jax.clustering``), export's in ``export``.
+The other jits: clustering's inside its wing (``protoad_jax.clustering``), the exported
+artifact's call (``export``) and the on-device NaN check of ``input_pipeline.check_images``.
   * ``_embed_fn``: images ``[b, s, s, 3]`` -> L2-normalised patch embeddings ``[b, h, w, 1792]``;
   * ``scoring_function``: images ``[b, s, s, 3]`` -> ``ScoreResult`` batched (backbone -> embed
     -> head).
@@ -158,7 +159,7 @@ def fit(images: Iterable[Any], weights: str | os.PathLike | None = None, cluster
 
     Args:
       images: image paths, or preprocessed ``[s, s, 3]`` float32 arrays (``preprocess_image``).
-      weights: backbone ``.npz`` from scripts/convert_weights.py (ignored when ``variables`` is given).
+      weights: backbone ``.npz`` from ``protoad convert-weights`` (ignored when ``variables`` is given).
       clustering: ``"finch"`` (the paper) or ``"kmeans"``.
       num_prototypes: K; for FINCH the required number of clusters, None = FINCH level ``finch_level``.
       seed: seed for patch subsampling and k-means++.

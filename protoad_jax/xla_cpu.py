@@ -1,8 +1,8 @@
 """XLA:CPU compiler options for the WideResNet convolutions, set per computation.
 
 XLA:CPU (jaxlib 0.10) hands convolutions and their neighbours to YNNPACK library fusions by
-default. For this backbone XLA's own emitters are faster (README, Speed, measured side by side
-by ``python scripts/embedded_speed.py``), so ``pipeline.py`` compiles its jitted regions
+default. For this backbone XLA's own emitters are faster (docs/speed.md, measured side by side
+by ``python scripts/benchmarks/embedded_speed.py``), so ``pipeline.py`` compiles its jitted regions
 (backbone -> embed, backbone -> embed -> score) with ``compiler_options()``, which turns the
 library fusions off for those computations only. FINCH and k-means keep XLA's defaults: the
 option did not speed them up. It is a per-computation option (``jax.jit(...,

@@ -1,7 +1,9 @@
-"""The benchmark harness (scripts/bench/harness.py): tables, alternating timers, fresh-process cases.
+"""The benchmark harness (scripts/benchmarks/harness.py): tables, alternating timers, fresh-process
+cases.
 
-The measurements themselves are checked by running them at tiny sizes (scripts/benchmark.py's
-docstring has the command); these tests cover the shared parts they all rely on.
+The measurements themselves are checked by running them at tiny sizes (the docstring of
+scripts/benchmarks/benchmark.py has the command); these tests cover the shared parts they all
+rely on.
 """
 
 import pathlib
@@ -11,7 +13,10 @@ import numpy as np
 import pytest
 from absl import flags
 
-from bench import cluster, harness
+# The measurement modules import each other by name, as a script's own folder on sys.path allows.
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmarks"))
+import cluster
+import harness
 
 from protoad_jax.clustering import finch
 
@@ -51,7 +56,7 @@ def test_timed_alternates_and_stops_at_budget():
 def test_run_case_matches_in_process_call():
     """A clustering case in a fresh process reports what the same call reports in this one."""
     spec = {"method": "finch", "n": 60, "k": 4, "dtype": "float32", "iters": 2, "repeats": 1}
-    got = harness.run_case("bench.cluster", spec)
+    got = harness.run_case("cluster", spec)
     assert "error" not in got, got.get("error")
     x = cluster._clustered(spec["n"], spec["k"], np.dtype(spec["dtype"]))
     want = finch.finch(x, num_clusters=spec["k"])
@@ -64,6 +69,6 @@ def test_run_case_matches_in_process_call():
 
 
 def test_run_case_reports_child_failure():
-    got = harness.run_case("bench.no_such_measurement", {"n": 1})
+    got = harness.run_case("no_such_measurement", {"n": 1})
     print(got)
     assert got["n"] == 1 and "exit 1" in got["error"] and "no_such_measurement" in got["error"]

@@ -311,3 +311,11 @@ def test_protoad_entry_point_dispatches_and_refuses_unknown_commands(files, tmp_
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode == 1 and "Traceback" not in res.stderr and len(errors) == 1, res.stderr
     assert "nope.npz does not exist" in errors[0]
+
+
+def test_protoad_is_an_installed_console_command():
+    """``pip install`` gives the ``protoad`` command (pyproject's [project.scripts])."""
+    import importlib.metadata
+
+    found = importlib.metadata.entry_points(group="console_scripts", name="protoad")
+    assert [e.value for e in found] == ["protoad_jax.cli:main"], list(found)

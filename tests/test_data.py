@@ -1,4 +1,4 @@
-"""data.py against torchvision's transforms (the reference pipeline), readers on generated layouts,
+"""preprocess.py, input_pipeline.py and datasets/ against torchvision's transforms (the reference pipeline), readers on generated layouts,
 the threaded batch loader, and the demo dataset generator."""
 
 from __future__ import annotations

@@ -501,7 +501,7 @@ def test_load_variables_lists_every_problem_in_one_error(tmp_path):
         str(path) in msg and "protoad convert-weights" in msg and "as arch resnet50" in msg
         and "3 problem(s)" in msg
     )
-    with pytest.raises(FileNotFoundError, match="convert_weights.py"):
+    with pytest.raises(weights.WeightsFileError, match="convert_weights.py"):
         weights.load_variables(tmp_path / "nope.npz")
 
 

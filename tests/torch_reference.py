@@ -1,8 +1,8 @@
 """The PyTorch reference of docs/METHOD.md section 1, written from the method alone; a test
 oracle, not a CLI.
 
-Import it (``sys.path.insert(0, "<repo>/scripts")``; ``import torch_reference``) from tests and from
-the parity script. It follows the published ProtoAD inference code: torchvision transforms,
+Tests import it as ``torch_reference`` (pytest's ``pythonpath`` holds tests/); ``protoad
+compare-reference`` and the benchmarks load it from this file. It follows the published ProtoAD inference code: torchvision transforms,
 the torchvision trunk, nearest x2 upsampling + concatenation, ``F.normalize``, prototypes as
 1x1 conv kernels, channel max, ``1 - x``, ``cv2.resize`` (INTER_LINEAR) and
 ``scipy.ndimage.gaussian_filter``. Needs torch, torchvision, opencv and scipy (the ``[test]`` extra).

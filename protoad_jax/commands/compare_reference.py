@@ -20,7 +20,7 @@ model with K=8 raw prototypes fitted on the two scikit-learn sample photographs,
   overall                           <err>      <err>      <err>      <err>      2 images
 Columns: the max abs difference of the preprocessed input [224, 224, 3], the 56 x 56 patch map,
 the smoothed 224 x 224 map and the image score. With --tol=T the exit status is 1 when an overall
-column exceeds T. Measured errors: the README's parity table and the command beside it.
+column exceeds T. Measured errors: docs/parity.md's table and the command beside it.
 """
 
 from __future__ import annotations

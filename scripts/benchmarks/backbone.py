@@ -1,18 +1,19 @@
-"""backbone: the Flax WideResNet (to layer3, BatchNorm folded as the pipeline runs it) against
-torchvision's trunk, same weights, batch and threads."""
+"""backbone: the Flax WideResNet (to layer3, BatchNorm folded and compiled with
+``xla_cpu.compiler_options()``, as the pipeline runs it) against torchvision's trunk, same
+weights, batch and threads."""
 
 from __future__ import annotations
 
 import functools
 import time
 
+import harness
 import jax
 import jax.numpy as jnp
 from absl import flags
+from harness import FLAGS, Table
 
-from bench import harness
-from bench.harness import FLAGS, Table
-from protoad_jax import backbone, weights
+from protoad_jax import backbone, xla_cpu
 
 flags.DEFINE_list("batch_sizes", ["1", "8"], "backbone: batch sizes to time.")
 
@@ -22,7 +23,7 @@ def run() -> list[Table]:
     tmodel, variables = harness.models()
     variables = backbone.fold_batchnorm(variables)  # as weights.load_backbone runs it
     net = backbone.ResNet(arch=FLAGS.arch, folded=True)
-    fn = jax.jit(lambda v, x: net.apply(v, x)["layer3"])
+    fn = jax.jit(lambda v, x: net.apply(v, x)["layer3"], compiler_options=xla_cpu.compiler_options())
 
     table = Table(f"backbone: {FLAGS.arch} to layer3, 224x224, float32, threads={FLAGS.threads}",
                   ["batch", "jax img/s", "torch img/s", "jax speed-up", "jax compile s"])

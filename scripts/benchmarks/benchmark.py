@@ -1,39 +1,43 @@
 """Speed and memory of protoad_jax against the PyTorch reference, measured side by side in one run.
 
-Commands (each prints markdown tables; one file per measurement in scripts/bench/):
-  python scripts/benchmark.py all [--output=PATH]   # every table below but backbone; rewrites BENCHMARKS.md
-  python scripts/benchmark.py e2e --k=10000 --e2e_batch_sizes=8,32
-  python scripts/benchmark.py head --head_ks=100,1000,10000 --head_chunked_ks=10000,100000
-  python scripts/benchmark.py probe
-  python scripts/benchmark.py data --data_images=32
-  python scripts/benchmark.py cluster --cluster_sizes=10000,100000 [--full]   # --full adds 1.23M
-  python scripts/benchmark.py scale --scale_images=391
-  python scripts/benchmark.py backbone --batch_sizes=1,8
+Commands (each prints markdown tables; one module per measurement in this folder, imported by
+name: Python puts a script's own folder first on sys.path):
+  python scripts/benchmarks/benchmark.py all [--output=PATH]   # every table below but backbone; rewrites docs/benchmarks.md
+  python scripts/benchmarks/benchmark.py e2e --k=10000 --e2e_batch_sizes=8,32
+  python scripts/benchmarks/benchmark.py head --head_ks=100,1000,10000 --head_chunked_ks=10000,100000
+  python scripts/benchmarks/benchmark.py probe
+  python scripts/benchmarks/benchmark.py data --data_images=32
+  python scripts/benchmarks/benchmark.py cluster --cluster_sizes=10000,100000 [--full]   # --full adds 1.23M
+  python scripts/benchmarks/benchmark.py scale --scale_images=391
+  python scripts/benchmarks/benchmark.py backbone --batch_sizes=1,8
 
 Tables and their columns:
-  e2e       (bench/e2e.py) full scoring path, make_scorer vs torch_reference.reference_scores:
+  e2e       (e2e.py) full scoring path, make_scorer vs torch_reference.reference_scores:
             K | measure (batch 1 latency p50/p90 ms, batch b img/s) | protoad_jax |
             torch reference | jax speed-up | jax compile s; notes: recompiles after warm-up.
-  head      (bench/head.py) embedding -> patch map, scoring.patch_scores vs torch, per K, full and
+  head      (head.py) embedding -> patch map, scoring.patch_scores vs torch, per K, full and
             chunked: K | mode | jax and torch ms/img (b=1) and img/s (batch) | speed-ups |
             jax GFLOP/s | XLA temp MB.
-  probe     (bench/torch_probe.py) torch trunk at batch 1 with 1 and --threads threads:
+  probe     (torch_probe.py) torch trunk at batch 1 with 1 and --threads threads:
             torch threads | min | median | max (s per call), and whether load disturbed torch.
-  data      (bench/data.py) input_pipeline.batched on generated PNGs: PNG size | mean file KB |
+  data      (data.py) input_pipeline.batched on generated PNGs: PNG size | mean file KB |
             decode threads | img/s; in ``all`` also score_images from files against e2e.
-  cluster   (bench/cluster.py) finch.finch and kmeans.kmeans on random clustered patches, one
+  cluster   (cluster.py) finch.finch and kmeans.kmeans on random clustered patches, one
             fresh process per case: method | N | storage | s (run) | compile s | peak RSS MB |
-            data MB | runtime MB | result; larger N projected (marked) unless run.
-  scale     (bench/scale.py) fit() at MVTec's largest category size in a fresh process: case |
+            data MB | runtime MB | result; larger N projected (marked) unless run; then the
+            fit-stage tables of cluster_benchmark.py (--nofit_stage skips them).
+  scale     (scale.py) fit() at MVTec's largest category size in a fresh process: case |
             patches kept | storage | features s | clustering s | total s | peak RSS MB.
-  backbone  (bench/backbone.py) Flax WideResNet to layer3 vs torchvision: batch | jax img/s |
+  backbone  (backbone.py) Flax WideResNet to layer3 vs torchvision: batch | jax img/s |
             torch img/s | jax speed-up | jax compile s.
 
-A quick check that every measurement runs (tiny sizes, writes a throwaway BENCHMARKS.md):
-  python scripts/benchmark.py all --output=/tmp/BENCHMARKS.md --k=1000 --e2e_batch_sizes=2 \
-    --latency_repeats=1 --repeats=1 --head_ks=10 --head_chunked_ks=10 --chunk_size=4 \
-    --head_batch=2 --data_sizes=64 --data_images=2 --data_batch=2 --cluster_sizes=200,400 \
-    --cluster_float16_sizes=200 --cluster_k=10 --kmeans_iters=2 --scale_images=2 --nofit_stage
+A quick check that every measurement runs (tiny sizes, writes a throwaway file; about 2 min on
+2 cores):
+  python scripts/benchmarks/benchmark.py all --output=/tmp/benchmarks.md --k=1000 \
+    --e2e_batch_sizes=2 --latency_repeats=1 --repeats=1 --head_ks=10 --head_chunked_ks=10 \
+    --chunk_size=4 --head_batch=2 --data_sizes=64 --data_images=2 --data_batch=2 \
+    --cluster_sizes=200,400 --cluster_float16_sizes=200 --cluster_k=10 --kmeans_iters=2 \
+    --scale_images=2 --nofit_stage
 
 Random weights and prototypes: speed does not depend on their values. Needs the reference
 extra: pip install -e ".[test]".
@@ -46,11 +50,18 @@ import sys
 import time
 from pathlib import Path
 
+import backbone
+import cluster
+import data
+import e2e
+import harness
+import head
+import scale
+import torch_probe
 from absl import app, flags
-from bench import backbone, cluster, data, e2e, harness, head, scale, torch_probe
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("output", None, "all: markdown file to rewrite (default <repo>/BENCHMARKS.md).")
+flags.DEFINE_string("output", None, "all: markdown file to rewrite (default docs/benchmarks.md).")
 
 
 def run_all() -> list[harness.Table]:
@@ -58,7 +69,7 @@ def run_all() -> list[harness.Table]:
     start, load_start = time.time(), os.getloadavg()
     tables = (e2e.run(results) + head.run() + torch_probe.run() + data.run(results)
               + cluster.run() + scale.run())
-    out = Path(FLAGS.output) if FLAGS.output else harness.REPO / "BENCHMARKS.md"
+    out = Path(FLAGS.output) if FLAGS.output else harness.OUTPUT
     harness.write_benchmarks(out, tables, start, load_start)
     return tables
 

@@ -6,11 +6,14 @@ clustering), through the same evaluation.run_category that scripts/evaluate.py r
 
 Categories: the demo dataset (demo_texture, demo_object; 12 training images = 37,632 patches each)
 and "photo" (scikit-learn's sample photographs with painted holes, scratches and stains;
-demo.make_photo_dataset). Without the ImageNet weights a random-init backbone is used and said so.
+demo.make_photo_dataset; scikit-learn is in the [test] extra). Without --weights a random-init
+backbone is used and said so.
 
-Command (the README table "Choosing the patch budget" comes from it):
-  python scripts/budget_study.py --budgets=5000,10000,20000 --output=runs/budget_study
-Prints one table row per (category, method, budget) and writes <output>/budget_study.md and .json.
+Command (docs/evaluation.md's "Choosing the patch budget" table comes from it):
+  python scripts/benchmarks/budget_study.py --budgets=5000,10000,20000 --output=runs/budget_study
+Prints a markdown table, one row per (category, method, budget): category | patches | method |
+image AUROC | pixel AUROC | AU-PRO | fit s; writes the table (with the backbone line) to
+<output>/budget_study.md and the rows to <output>/budget_study.json.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ def main(argv):
     out = Path(FLAGS.output)
     data_root = out / "data"
     demo.make_demo_dataset(data_root, seed=FLAGS.seed)
-    demo.make_photo_dataset(data_root, seed=FLAGS.seed)
+    if demo.PHOTO in FLAGS.categories:
+        from sklearn.datasets import load_sample_images
+
+        demo.make_photo_dataset(data_root, load_sample_images().images, seed=FLAGS.seed)
     net = weights.resolve_backbone(FLAGS.weights, allow_random=True)
     runs = [(m, int(b)) for m in FLAGS.methods for b in FLAGS.budgets]
     if FLAGS.all_patches:

@@ -10,12 +10,12 @@ import statistics
 import time
 from pathlib import Path
 
+import harness
 import jax
 import numpy as np
 from absl import app, flags
+from harness import COMPILE_LOG, FLAGS, C, Table
 
-from bench import harness
-from bench.harness import COMPILE_LOG, FLAGS, C, Table
 from protoad_jax.clustering import finch, kmeans
 
 flags.DEFINE_list("cluster_sizes", ["10000", "20000"], "cluster: numbers of patches N.")
@@ -25,9 +25,9 @@ flags.DEFINE_integer("cluster_k", 1000, "cluster: K (FINCH required clusters, k-
 flags.DEFINE_integer("kmeans_iters", 20, "cluster: k-means max_iters.")
 flags.DEFINE_integer("cluster_repeats", 0, "cluster: timed calls after the first (compiling) call; "
                      "0 reports the first call minus its logged compile time.")
-flags.DEFINE_bool("fit_stage", True, "cluster: also run scripts/cluster_benchmark.py (FINCH before/"
-                  "after on real-photo patches, matmul peaks, merging at scale, coreset memory).")
-flags.DEFINE_list("fit_stage_args", [], "cluster: extra flags for scripts/cluster_benchmark.py, e.g. "
+flags.DEFINE_bool("fit_stage", True, "cluster: also run cluster_benchmark.py (FINCH on real-photo "
+                  "patches, matmul peaks, merging at scale, coreset memory).")
+flags.DEFINE_list("fit_stage_args", [], "cluster: extra flags for cluster_benchmark.py, e.g. "
                   "--fit_stage_args=--finch_n=5000,--merge_sizes=2000.")
 flags.DEFINE_bool("full", False,
                   "cluster: also run N = 1,230,000 (MVTec's largest category; hours on CPU).")
@@ -112,11 +112,11 @@ def _fit_stage() -> _Markdown:
     import tempfile
 
     out = Path(tempfile.mkdtemp()) / "fit.md"
-    cmd = [sys.executable, str(harness.SCRIPTS / "cluster_benchmark.py"), f"--output={out}",
+    cmd = [sys.executable, str(harness.BENCHMARKS / "cluster_benchmark.py"), f"--output={out}",
            *FLAGS.fit_stage_args]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     body = out.read_text() if out.exists() else f"failed: {res.stderr[-1000:]}"
-    title = " ".join(["python scripts/cluster_benchmark.py", *FLAGS.fit_stage_args])
+    title = " ".join(["python scripts/benchmarks/cluster_benchmark.py", *FLAGS.fit_stage_args])
     return _Markdown(f"### fit stage: {title}\n\n{body}").print()
 
 

@@ -1,14 +1,15 @@
-"""Fit-stage benchmark: FINCH before/after, matmul peaks, closest-pair merging at scale, coreset.
+"""Fit-stage benchmark: matmul peaks, FINCH (optionally against an older commit), closest-pair
+merging at scale, coreset memory.
 
-Every case runs in a fresh subprocess (its peak RSS is the process's VmHWM) on real-photo patch
-embeddings (demo.photo_crops through the random-init wide_resnet50_2, float16 as the pipeline
-stores them; cached under --workdir).
+Every case runs in a fresh process (harness.run_case; its peak RSS is the process's VmHWM) on
+real-photo patch embeddings (demo.photo_crops of scikit-learn's sample photographs through the
+random-init wide_resnet50_2, float16 as the pipeline stores them; cached under --workdir).
 
   peaks    jitted [4096, 1792] x [1792, 4096] matmul, float32 (HIGHEST) and bfloat16: GFLOP/s.
-  finch    finch.finch(x, num_clusters=K) on --finch_n patches, this checkout vs --baseline
-           (a git revision, checked out to a temporary folder and run the same way): seconds,
-           levels, level-0 effective GFLOP/s (2 n^2 d / level-0 seconds), queries re-ranked in
-           float64, device fallbacks, exhaustive float64 searches.
+  finch    finch.finch(x, num_clusters=K) on --finch_n patches, this checkout (and, with
+           --baseline=REV, that git revision, checked out to a temporary folder and run the same
+           way): seconds, levels, level-0 effective GFLOP/s (2 n^2 d / level-0 seconds), queries
+           re-ranked in float64, device fallbacks, exhaustive float64 searches.
   merge    merging.merge_closest from m singleton clusters (patches) down to K, for each
            --merge_sizes: seconds, refreshes, exact cosines, peak RSS; sizes above
            --merge_run_max are projected from the largest run (time ~m^2: the candidate pass is
@@ -16,13 +17,18 @@ stores them; cached under --workdir).
   coreset  pipeline's coreset sampler over --coreset_n patches (float16) down to --coreset_budget:
            seconds, peak RSS.
 
-Command (BENCHMARKS.md "Fit stage"):
-  python scripts/cluster_benchmark.py --cases=peaks,finch,merge,coreset --output=BENCHMARKS_fit.md
+Commands (docs/speed.md "Fit stage"; needs scikit-learn, in the [test] extra):
+  python scripts/benchmarks/cluster_benchmark.py --cases=peaks,finch,merge,coreset --output=fit.md
+  python scripts/benchmarks/cluster_benchmark.py --cases=finch --baseline=d61e0d5   # before / after
+Prints, per case: the matmul peaks line; the FINCH table (implementation | total s | level-0
+search s | effective GFLOP/s | of float32 peak | levels | peak RSS MB) with one line per level;
+the merging table (start clusters | seconds | refreshes | exact cosines | peak RSS MB | run or
+projected); the coreset line. --output writes the same lines to a markdown file.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import platform
 import subprocess
@@ -31,14 +37,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["peaks", "finch", "merge", "coreset"], "Cases to run.")
 flags.DEFINE_integer("finch_n", 50000, "finch: patches.")
 flags.DEFINE_integer("k", 1000, "finch/merge: required number of clusters.")
-flags.DEFINE_string("baseline", "d61e0d5", "finch: git revision of the 'before' implementation "
-                    "('' to skip it).")
+flags.DEFINE_string("baseline", "", "finch: a git revision to time too, as the 'before' "
+                    "implementation (default: none, this checkout only).")
 flags.DEFINE_list("merge_sizes", ["20000", "100000", "300000"], "merge: starting cluster counts.")
 flags.DEFINE_integer("merge_run_max", 100000, "merge: larger sizes are projected, not run.")
 flags.DEFINE_integer("coreset_n", 1226176, "coreset: patches (391 images x 3136).")
@@ -46,9 +53,6 @@ flags.DEFINE_integer("coreset_budget", 2000, "coreset: budget of the memory run 
                      "printed; memory does not depend on the budget).")
 flags.DEFINE_string("workdir", "/tmp/protoad_cluster_bench", "Cache of patch embeddings.")
 flags.DEFINE_string("output", None, "Markdown file to write the tables to (atomically).")
-flags.DEFINE_string("case", None, "Internal: JSON of one case, run in this process.")
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _patches(n: int) -> Path:
@@ -60,23 +64,33 @@ def _patches(n: int) -> Path:
         if int(other.stem.split("_")[1]) >= n:
             return other
     import numpy as np
+    from sklearn.datasets import load_sample_images
 
-    from protoad_jax import Config, evaluation, fileio, pipeline, weights
+    from protoad_jax import Config, fileio, pipeline, weights
     from protoad_jax.datasets import demo
 
     net = weights.random_backbone("wide_resnet50_2", "benchmark")
-    crops = demo.photo_crops(-(-n // 3136), seed=11)
+    crops = demo.photo_crops(load_sample_images().images, -(-n // 3136), seed=11)
     x = pipeline.extract_patches(crops, net.variables, Config(max_patches=None), progress=False)
     return fileio.atomic_write(path, lambda f: np.save(f, x[:n].astype(np.float16)))
 
 
-def _case(case: dict) -> dict:
-    """One measurement in this process."""
+def _clustering(name: str):
+    """``protoad_jax.clustering.<name>``; in a --baseline from before that package,
+    ``protoad_jax.<name>``."""
+    try:
+        return importlib.import_module(f"protoad_jax.clustering.{name}")
+    except ModuleNotFoundError:
+        return importlib.import_module(f"protoad_jax.{name}")
+
+
+def case(spec: dict) -> dict:
+    """One measurement, run by ``harness.run_case`` in a fresh process."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    kind = case["kind"]
+    kind = spec["kind"]
     if kind == "peaks":
         out = {}
         a = jax.random.normal(jax.random.key(0), (4096, 1792))
@@ -92,14 +106,14 @@ def _case(case: dict) -> dict:
                 ts.append(time.perf_counter() - t)
             out[name] = 2 * 4096 * 1792 * 4096 / sorted(ts)[2] / 1e9
         return out
-    x = np.load(case["data"], mmap_mode="r")
-    if kind == "merge" and len(x) < case["m"]:
-        raise ValueError(f"{case['data']} has fewer than {case['m']} rows")
+    x = np.load(spec["data"], mmap_mode="r")
+    if kind == "merge" and len(x) < spec["m"]:
+        raise ValueError(f"{spec['data']} has fewer than {spec['m']} rows")
     if kind == "finch":
-        x = np.asarray(x[:case["n"]])
-        from protoad_jax.clustering import finch
+        x = np.asarray(x[:spec["n"]])
+        finch = _clustering("finch")
         t = time.perf_counter()
-        res = finch.finch(x, num_clusters=case["k"])
+        res = finch.finch(x, num_clusters=spec["k"])
         seconds = time.perf_counter() - t
         out = {"seconds": seconds, "levels": [int(c) for c in res.num_clusters],
                "required_level": res.required_level}
@@ -108,49 +122,44 @@ def _case(case: dict) -> dict:
             out["stats"] = stats
         return out
     if kind == "level0":  # the level-0 neighbour search alone (both implementations)
-        x = np.asarray(x[:case["n"]])
-        from protoad_jax.clustering import finch
+        x = np.asarray(x[:spec["n"]])
+        finch = _clustering("finch")
         t = time.perf_counter()
         if hasattr(finch, "_first_neighbours"):  # before: float32 argmax, rectangular sweep
             finch.first_neighbours(x).block_until_ready()
         else:
-            from protoad_jax.clustering import neighbours
-            neighbours.first_neighbours(x)
+            _clustering("neighbours").first_neighbours(x)
         return {"seconds": time.perf_counter() - t}
     if kind == "merge":
-        from protoad_jax.clustering import merging
-        m = case["m"]
+        merging = _clustering("merging")
+        m = spec["m"]
         sums = np.asarray(x[:m], np.float64)
         stats: dict = {}
         t = time.perf_counter()
-        merging.merge_closest(sums, np.ones(m), case["k"], stats=stats)
+        merging.merge_closest(sums, np.ones(m), spec["k"], stats=stats)
         return {"seconds": time.perf_counter() - t, **stats}
     if kind == "coreset":
-        from protoad_jax.clustering import coreset
-        big = np.empty((case["n"], x.shape[1]), np.float16)  # the pipeline's all-patch array
-        for s in range(0, case["n"], len(x)):
-            big[s:s + len(x)] = x[:min(len(x), case["n"] - s)]
+        coreset = _clustering("coreset")
+        big = np.empty((spec["n"], x.shape[1]), np.float16)  # the pipeline's all-patch array
+        for s in range(0, spec["n"], len(x)):
+            big[s:s + len(x)] = x[:min(len(x), spec["n"] - s)]
         big += np.float16(1e-3) * np.random.default_rng(0).standard_normal(
             (1, x.shape[1])).astype(np.float16)
         t = time.perf_counter()
-        idx = coreset.greedy_coreset(big, case["budget"], 0)
+        idx = coreset.greedy_coreset(big, spec["budget"], 0)
         return {"seconds": time.perf_counter() - t, "kept": len(idx)}
     raise ValueError(kind)
 
 
-def _run(case: dict, pythonpath: Path = REPO) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(pythonpath), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(Path(__file__).resolve()), f"--case={json.dumps(case)}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    for line in res.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return {"error": (res.stderr or res.stdout)[-2000:]}
+def _run(spec: dict, protoad_root: Path | None = None) -> dict:
+    """``case(spec)`` in a fresh process, importing protoad_jax from ``protoad_root`` (default:
+    this checkout)."""
+    return harness.run_case("cluster_benchmark", spec, protoad_root=protoad_root)
 
 
 def _baseline_tree(rev: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix="protoad_baseline_"))
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True,
+    archive = subprocess.run(["git", "-C", str(harness.REPO), "archive", rev], capture_output=True,
                              check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder
@@ -158,14 +167,7 @@ def _baseline_tree(rev: str) -> Path:
 
 def main(argv):
     del argv
-    if FLAGS.case:
-        case = json.loads(FLAGS.case)
-        out = _case(case)
-        from bench.harness import rss_mb  # after the work: its imports do not count
-
-        out["peak_rss_mb"] = rss_mb("VmHWM")
-        print("RESULT " + json.dumps(out))
-        return
+    harness.setup()
     lines = [(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")]
 
@@ -176,8 +178,12 @@ def main(argv):
     peaks = {}
     if "peaks" in FLAGS.cases:
         peaks = _run({"kind": "peaks"})
-        emit(f"\nMatmul peaks (jitted 4096 x 1792 x 4096): float32 {peaks['float32']:.0f} GFLOP/s, "
-             f"bfloat16 {peaks['bfloat16']:.0f} GFLOP/s")
+        if "error" in peaks:
+            emit(f"\nMatmul peaks: error {peaks.pop('error')[-300:]!r}")
+            peaks = {}
+        else:
+            emit(f"\nMatmul peaks (jitted 4096 x 1792 x 4096): float32 {peaks['float32']:.0f} "
+                 f"GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} GFLOP/s")
     if "finch" in FLAGS.cases:
         n, k = FLAGS.finch_n, FLAGS.k
         data = str(_patches(n))
@@ -185,9 +191,10 @@ def main(argv):
         emit("| implementation | total s | level-0 search s | effective GFLOP/s (2 n^2 d / s) | "
              "of float32 peak | levels | peak RSS MB |")
         emit("|---|---|---|---|---|---|---|")
-        impls = [("after (this checkout)", REPO)]
+        impls = [("this checkout", None)]
         if FLAGS.baseline:
-            impls.insert(0, (f"before ({FLAGS.baseline})", _baseline_tree(FLAGS.baseline)))
+            impls = [(f"before ({FLAGS.baseline})", _baseline_tree(FLAGS.baseline)),
+                     ("after (this checkout)", None)]
         for name, tree in impls:
             r = _run({"kind": "finch", "data": data, "n": n, "k": k}, tree)
             l0 = _run({"kind": "level0", "data": data, "n": n}, tree)
@@ -197,7 +204,7 @@ def main(argv):
             gf = 2 * n * n * 1792 / l0["seconds"] / 1e9
             frac = f"{gf / peaks['float32']:.0%}" if peaks else "—"
             emit(f"| {name} | {r['seconds']:.1f} | {l0['seconds']:.1f} | {gf:.0f} | {frac} | "
-                 f"{r['levels']} | {r['peak_rss_mb']:.0f} |")
+                 f"{r['levels']} | {r['peak_mb']:.0f} |")
             if "stats" in r:
                 for lv, s in enumerate(r["stats"]["levels"]):
                     emit(f"  level {lv}: {s['n']} rows, re-ranked in float64 {s['reranked'] / s['n']:.1%}, "
@@ -216,7 +223,7 @@ def main(argv):
             if m > FLAGS.merge_run_max and last is not None:
                 lm, lr = last
                 s = lr["seconds"] * (m / lm) ** 2  # candidate pass ~m^2 d, screens ~m per merge
-                mb = lr["peak_rss_mb"] * m / lm
+                mb = lr["peak_mb"] * m / lm
                 emit(f"| {m} | ~{s:.0f} | — | — | ~{mb:.0f} | projected from {lm} (time ~m^2, "
                      "memory ~m) |")
                 continue
@@ -225,14 +232,14 @@ def main(argv):
                 emit(f"| {m} | error: {r['error'][-200:]!r} ||||")
                 continue
             emit(f"| {m} | {r['seconds']:.1f} | {r['refreshes']} | {r['exact']} | "
-                 f"{r['peak_rss_mb']:.0f} | run |")
+                 f"{r['peak_mb']:.0f} | run |")
             last = (m, r)
     if "coreset" in FLAGS.cases:
         n, b = FLAGS.coreset_n, FLAGS.coreset_budget
         r = _run({"kind": "coreset", "data": str(_patches(min(n, 62720))), "n": n, "budget": b})
         emit(f"\nCoreset over {n} x 1792 float16 patches, budget {b}: " + (
             f"{r['seconds']:.1f} s ({r['seconds'] / b * 1000:.1f} ms per pick), peak RSS "
-            f"{r['peak_rss_mb']:.0f} MB" if "error" not in r else f"error {r['error'][-300:]!r}"))
+            f"{r['peak_mb']:.0f} MB" if "error" not in r else f"error {r['error'][-300:]!r}"))
     if FLAGS.output:
         from protoad_jax import fileio
         fileio.atomic_write(Path(FLAGS.output), lambda f: f.write("\n".join(lines) + "\n"), mode="w")

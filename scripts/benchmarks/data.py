@@ -8,13 +8,13 @@ import functools
 import tempfile
 from pathlib import Path
 
+import harness
 import jax
 import numpy as np
 from absl import flags
+from harness import FLAGS, Table
 from PIL import Image
 
-from bench import harness
-from bench.harness import FLAGS, Table
 from protoad_jax import evaluation, input_pipeline, pipeline
 from protoad_jax.config import Config
 

@@ -1,73 +1,66 @@
 """Scoring path on the accelerator vs the PyTorch reference on the same device, float32 and bfloat16.
 
 protoad_jax: ``make_scorer`` (one jitted region, JAX's default device, outputs blocked until
-ready). PyTorch reference (scripts/torch_reference.py, the published code's path): torchvision
+ready). PyTorch reference (tests/torch_reference.py, the published code's path): torchvision
 trunk + F.normalize + 1x1 conv + max on torch's device (cuda when available), then, as the
 published code does, ``.cpu()``, cv2 resize and scipy blur per image on the host. bfloat16:
 ``Config(dtype="bfloat16")`` (backbone in bfloat16, head in float32) against the torch trunk under
-``torch.autocast(bfloat16)`` and the head in float32. Same random-init weights (BatchNorm folded
-for JAX, as ``weights.load_backbone`` does), prototypes and images; JAX and torch calls
-alternate, medians reported; "max |map diff|" compares the two sides' 224x224 maps.
+``torch.autocast(bfloat16)`` and the head in float32. Same random-init weights (harness.models;
+BatchNorm folded for JAX, as ``weights.load_backbone`` does), prototypes and images; JAX and torch
+calls alternate, medians reported; "max |map diff|" compares the two sides' 224x224 maps.
 
-Command (scripts/device_check.sh runs it on a GPU):
-  python scripts/device_e2e.py --batch_sizes=1,8,64 --dtypes=float32,bfloat16 --k=1000
-Prints one markdown table (dtype, batch, ms per batch and images/s of each side, JAX speed-up,
-JAX first-call seconds, max |map diff|); --output=FILE also appends it to FILE.
+Command (device_check.sh runs it on a GPU):
+  python scripts/benchmarks/device_e2e.py --batch_sizes=1,8,64 --dtypes=float32,bfloat16 --k=1000
+Prints a line per (dtype, batch) to stderr as it goes, then one markdown table (dtype, batch, ms
+per batch and images/s of each side, JAX speed-up, JAX first-call seconds, max |map diff|);
+--output=FILE also appends it to FILE.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch
 
+import harness
 from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Batch sizes.")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes of the backbone.")
 flags.DEFINE_integer("k", 1000, "Prototypes.")
-flags.DEFINE_integer("repeats", 10, "Timed calls per side after warm-up (median).")
-flags.DEFINE_float("budget_s", 30.0, "Stop repeating a case (after 2 calls) past this many seconds.")
 flags.DEFINE_string("output", None, "Markdown file to append the table to.")
+FLAGS.set_default("repeats", 10)  # harness's --repeats and --budget_s: calls are short on a GPU
+FLAGS.set_default("budget_s", 30.0)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    harness.setup()
     import jax
     import numpy as np
     import torch
-    import torchvision
-    from flax import traverse_util
 
     import protoad_jax
-    from protoad_jax import backbone, scoring, weights
+    from protoad_jax import backbone
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import torch_reference
-
+    reference = harness.torch_reference()
     tdev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tmodel = torchvision.models.wide_resnet50_2().eval()
-    sd = {n: v.numpy() for n, v in tmodel.state_dict().items()}
-    variables = backbone.fold_batchnorm(jax.device_put(
-        traverse_util.unflatten_dict(weights.to_flax(sd), sep="/")))
+    tmodel, variables = harness.models()
+    variables = backbone.fold_batchnorm(variables)
     tmodel = tmodel.to(tdev)
-    rng = np.random.default_rng(0)
-    protos = np.asarray(scoring.prepare_prototypes(
-        rng.standard_normal((FLAGS.k, 1792), dtype=np.float32), normalize=True))
+    protos = harness.prototypes(FLAGS.k)
     sizes = sorted(map(int, FLAGS.batch_sizes))
-    images = rng.standard_normal((max(sizes), 224, 224, 3), dtype=np.float32)
+    images = harness.images(max(sizes))
     images_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(tdev)
 
     def run_torch(b: int, dtype: str):
         with torch.autocast(tdev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            emb = torch_reference.reference_embed(tmodel, images_t[:b])
-        return torch_reference.reference_head(emb.float(), protos)[1]  # maps on the host
+            emb = reference.reference_embed(tmodel, images_t[:b])
+        return reference.reference_head(emb.float(), protos)[1]  # maps on the host
 
     jdev, tname = jax.devices()[0], (torch.cuda.get_device_name() if tdev.type == "cuda" else "cpu")
     lines = [
@@ -79,7 +72,8 @@ def main(argv):
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for dtype in FLAGS.dtypes:
-        model = protoad_jax.Model(protos, protoad_jax.Config(num_prototypes=FLAGS.k, dtype=dtype))
+        model = protoad_jax.Model(protos, protoad_jax.Config(num_prototypes=FLAGS.k, dtype=dtype,
+                                                            arch=FLAGS.arch))
         score = protoad_jax.make_scorer(model, variables)
         for b in sizes:
             x = jax.device_put(images[:b])
@@ -87,17 +81,8 @@ def main(argv):
             maps = np.asarray(jax.block_until_ready(score(x))[0])
             first = time.perf_counter() - t
             diff = float(np.abs(maps - run_torch(b, dtype)).max())
-            tj, tt, start = [], [], time.perf_counter()
-            for _ in range(FLAGS.repeats):
-                t = time.perf_counter()
-                jax.block_until_ready(score(x))
-                tj.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                run_torch(b, dtype)
-                tt.append(time.perf_counter() - t)
-                if len(tj) >= 2 and time.perf_counter() - start > FLAGS.budget_s:
-                    break
-            mj, mt = statistics.median(tj), statistics.median(tt)
+            mj, mt = harness.medians(lambda: jax.block_until_ready(score(x)),  # noqa: B023
+                                     lambda: run_torch(b, dtype))  # noqa: B023
             lines.append(f"| {dtype} | {b} | {mj * 1e3:.1f} | {b / mj:.1f} | {mt * 1e3:.1f} | "
                          f"{b / mt:.1f} | {mt / mj:.2f}x | {first:.1f} | {diff:.2g} |")
             print(lines[-1], file=sys.stderr, flush=True)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import functools
 
+import harness
 import jax
 import numpy as np
 from absl import flags
+from harness import COMPILE_LOG, FLAGS, Table
 
-from bench import harness
-from bench.harness import COMPILE_LOG, FLAGS, Table
 from protoad_jax import evaluation, pipeline
 from protoad_jax.config import Config
 
@@ -61,8 +61,7 @@ def run(results: dict | None = None) -> list[Table]:
 def _one_k(table: Table, k: int, sizes: list[int], images, images_t,
            results: dict | None) -> tuple[int, str]:
     """Times one K; returns (compilations during the timed calls, jit cache note)."""
-    import torch_reference
-
+    torch_reference = harness.torch_reference()
     tmodel, variables = harness.models()
     config = Config(num_prototypes=k, arch=FLAGS.arch)
     model = pipeline.Model(harness.prototypes(k), config)

@@ -1,5 +1,10 @@
 """What every measurement shares: flags, tables, alternating timers, the compile counter, the
-same-weights models, fresh-process cases and the BENCHMARKS.md writer."""
+same-weights models, the PyTorch reference, the fresh-process runner and the docs/benchmarks.md
+writer.
+
+The measurements import it as ``harness`` (this folder is their script's folder, so it is on
+``sys.path``; tests/test_benchmark.py puts it there).
+"""
 
 from __future__ import annotations
 
@@ -20,8 +25,6 @@ from pathlib import Path
 
 from absl import app, flags
 
-import protoad_jax
-
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("threads", len(os.sched_getaffinity(0)),
                      "Cores for torch (set_num_threads) and JAX (process CPU affinity).")
@@ -31,11 +34,13 @@ flags.DEFINE_float("budget_s", 20.0,
 flags.DEFINE_string("arch", "wide_resnet50_2", "Backbone architecture.")
 flags.DEFINE_string("weights", None,
                     "Converted .npz; default random weights (speed does not depend on values).")
-flags.DEFINE_integer("cluster_timeout_s", 3600, "cluster, scale: per-case subprocess timeout.")
+flags.DEFINE_integer("cluster_timeout_s", 3600, "Timeout of each fresh-process case (run_case).")
 
 C = 1792  # embedding channels
-SCRIPTS = Path(__file__).resolve().parent.parent
-REPO = SCRIPTS.parent
+BENCHMARKS = Path(__file__).resolve().parent  # scripts/benchmarks
+REPO = BENCHMARKS.parents[1]
+TESTS = REPO / "tests"  # holds the PyTorch reference, torch_reference.py
+OUTPUT = REPO / "docs" / "benchmarks.md"  # what ``benchmark.py all`` rewrites
 
 
 class Table:
@@ -180,6 +185,15 @@ def models():
     return tmodel, jax.device_put(variables)
 
 
+def torch_reference():
+    """The PyTorch reference module (tests/torch_reference.py), with tests/ put on ``sys.path``."""
+    if str(TESTS) not in sys.path:
+        sys.path.append(str(TESTS))
+    import torch_reference
+
+    return torch_reference
+
+
 def torch_trunk(tmodel, x):
     """torchvision trunk to layer3, no_grad: ``[b, 3, s, s]`` -> ``[b, 1024, s/16, s/16]``."""
     import torch
@@ -216,20 +230,32 @@ def rss_mb(field: str = "VmRSS") -> float:
 # ----------------------------------------------------------------------------- fresh-process cases
 
 
-def run_case(module: str, case: dict) -> dict:
+def run_case(module: str, case: dict, *, env: dict[str, str] | None = None,
+             protoad_root: str | os.PathLike | None = None) -> dict:
     """Runs ``module.case(case)`` in a fresh Python process (``case_main``) and returns its result:
     ``case`` plus the dict it returned, ``runtime_mb`` (RSS after JAX start-up) and ``peak_mb``
-    (the process's VmHWM), or ``case`` plus ``error``. The child inherits the CPU affinity."""
+    (the process's VmHWM), or ``case`` plus ``error``; ``error`` too after --cluster_timeout_s.
+
+    ``module`` is a module of this folder (``"cluster"``, ``"scale"``, ...). The child inherits
+    the CPU affinity and the working folder, gets the flags of this module given on the command
+    line (--threads, --arch, --weights, ...), the environment ``env`` (default: this process's)
+    and imports protoad_jax from ``protoad_root`` (default: where this process did;
+    cluster_benchmark.py --baseline passes an older checkout).
+    """
+    import protoad_jax
+
     timeout_s = FLAGS.cluster_timeout_s
-    cmd = [sys.executable, "-c", "from bench import harness; harness.case_main()", module,
-           json.dumps(case)]
-    # The child imports bench (from its cwd) and protoad_jax from where this process did.
-    path = [str(Path(protoad_jax.__file__).resolve().parent.parent),
-            *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    env = dict(os.environ if env is None else env)
+    root = protoad_root or Path(protoad_jax.__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(root), str(BENCHMARKS), *filter(None, [env.get("PYTHONPATH")])])
+    shared = [f.serialize() for f in FLAGS.get_flags_for_module(__name__) if f.present]
+    # python -c puts the working folder first on sys.path: dropped, so protoad_jax comes from root.
+    code = "import sys; sys.path = [p for p in sys.path if p]; import harness; harness.case_main()"
+    cmd = [sys.executable, "-c", code, module, json.dumps(case), *shared]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s,
-                              cwd=SCRIPTS, env=env)
+                              env=env)
     except subprocess.TimeoutExpired:
         return dict(case, error=f"timeout after {timeout_s} s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -240,11 +266,14 @@ def run_case(module: str, case: dict) -> dict:
 
 
 def case_main() -> None:
-    """The child of ``run_case``: ``sys.argv[1:] = [module, case json]``; prints ``RESULT {json}``."""
+    """The child of ``run_case``: ``sys.argv[1:] = [module, case json, *flags]``; prints
+    ``RESULT {json}``."""
     import jax.numpy as jnp
 
     log_compiles()
-    module, case = importlib.import_module(sys.argv[1]), json.loads(sys.argv[2])
+    module = importlib.import_module(sys.argv[1])  # defines its flags before they are parsed
+    FLAGS(sys.argv[:1] + sys.argv[3:])
+    case = json.loads(sys.argv[2])
     jnp.zeros(1).block_until_ready()  # initialise the runtime before the baseline
     runtime_mb = rss_mb()
     info = module.case(case)
@@ -253,7 +282,7 @@ def case_main() -> None:
           flush=True)
 
 
-# ----------------------------------------------------------------------------- BENCHMARKS.md
+# ----------------------------------------------------------------------------- docs/benchmarks.md
 
 _SIMD = re.compile(r"sse4_2|avx\w*|fma|f16c|amx\w*|asimd\w*|sve\w*|sme(?!p$)\w*")  # not smep (x86)
 
@@ -300,24 +329,23 @@ def machine() -> list[str]:
 def write_benchmarks(out: Path, tables: list[Table], start: float,
                      load_start: tuple[float, ...]) -> None:
     """Rewrites ``out`` atomically: command, date, duration since ``start`` (``time.time()``),
-    machine, threads, load averages, then the tables."""
+    machine, threads, XLA settings, load averages, then the tables."""
     from protoad_jax.fileio import atomic_write
 
     load_end = os.getloadavg()
-    command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python scripts/benchmarks/benchmark.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = "\n".join([
         "# Benchmarks",
         "",
-        "Written by `scripts/benchmark.py all` (rerun it to refresh this file).",
+        ("Written by `python scripts/benchmarks/benchmark.py all` (rerun it to refresh this file; "
+         "the narrative is in [speed.md](speed.md))."),
         "",
         f"- Command: `{command}`",
         f"- Date: {date}; the run took {(time.time() - start) / 60:.1f} min.",
         *[f"- {line}" for line in machine()],
         (f"- Threads: torch.set_num_threads({FLAGS.threads}), cv2.setNumThreads({FLAGS.threads}); "
-         f"JAX/XLA on the same {FLAGS.threads} cores (process CPU affinity). "
-         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; the jitted regions compile with "
-         "protoad_jax.xla_cpu.compiler_options(), as in every program."),
+         f"JAX/XLA on the same {FLAGS.threads} cores (process CPU affinity). {xla_settings()}"),
         (f"- Load average (1 min): {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end. "
          "JAX and torch calls alternate within each measurement, so background load affects "
          "their ratios less than their absolute timings."),
@@ -329,3 +357,18 @@ def write_benchmarks(out: Path, tables: list[Table], start: float,
     ])
     atomic_write(out, lambda f: f.write(text), mode="w")
     print(f"wrote {out}")
+
+
+def xla_settings() -> str:
+    """What XLA compiled with: ``XLA_FLAGS`` and the library's per-computation options."""
+    from protoad_jax import xla_cpu
+
+    env = os.environ.get("XLA_FLAGS")
+    options = xla_cpu.compiler_options()
+    return (f"XLA_FLAGS={env!r}" if env else "XLA_FLAGS unset") + (
+        f"; XLA:CPU options {options} per computation (protoad_jax.xla_cpu.compiler_options()) "
+        "in pipeline.py's jitted regions, as in any program that imports protoad_jax, and in "
+        "the head and backbone tables' jits; FINCH and k-means with XLA's defaults."
+        if options else
+        "; protoad_jax.xla_cpu.compiler_options() gave no options here (XLA_FLAGS chooses the "
+        "library fusions, the backend is not CPU, or this XLA lacks the option).")

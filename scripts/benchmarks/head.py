@@ -1,19 +1,20 @@
 """head: the head alone, embedding [56, 56, 1792] -> patch map (``scoring.patch_scores``,
-jitted, per image and vmapped per batch) against torch F.normalize + conv2d 1x1 + max, per K,
-plus the memory-bounded chunked mode (``chunk_size``) with XLA's temp memory."""
+jitted with ``xla_cpu.compiler_options()`` as the pipeline's region, per image and vmapped per
+batch) against torch F.normalize + conv2d 1x1 + max, per K, plus the memory-bounded chunked mode
+(``chunk_size``) with XLA's temp memory."""
 
 from __future__ import annotations
 
 import functools
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from harness import FLAGS, C, Table
 
-from bench import harness
-from bench.harness import FLAGS, C, Table
-from protoad_jax import scoring
+from protoad_jax import scoring, xla_cpu
 
 flags.DEFINE_list("head_ks", ["100", "1000", "10000"], "head: prototype counts K.")
 flags.DEFINE_list("head_chunked_ks", ["10000"], "head: K timed in chunked mode (jax only).")
@@ -33,6 +34,7 @@ def run() -> list[Table]:
                    f"torch img/s (b={b})", "speed-up b=1", f"speed-up b={b}",
                    f"jax GFLOP/s (b={b})", f"XLA temp MB (b={b})"])
     torch_times: dict[int, tuple[float, float]] = {}
+    unreported = False  # a full head whose XLA temp memory reads 0
     cases = [(int(k), None) for k in FLAGS.head_ks] + [
         (int(k), FLAGS.chunk_size) for k in FLAGS.head_chunked_ks]
     for k, chunk in cases:
@@ -43,6 +45,7 @@ def run() -> list[Table]:
             tj1, tt1 = harness.medians(one, t_one)
             tjb, ttb = harness.medians(batched, t_batch)
             torch_times[k] = tt1, ttb
+            unreported |= temp_mb == 0
         else:  # torch has no chunked mode: compared with its full head at the same K
             (tj1,), (tjb,) = harness.medians(one), harness.medians(batched)
         tt1, ttb = torch_times.get(k, (None, None))
@@ -50,14 +53,15 @@ def run() -> list[Table]:
         table.add(k, "full" if chunk is None else f"chunked {chunk}", tj1 * 1e3, b / tjb,
                   tt1 and tt1 * 1e3, ttb and b / ttb, tt1 and f"{tt1 / tj1:.2f}x",
                   ttb and f"{ttb / tjb:.2f}x", flops / tjb / 1e9, temp_mb)
-    if jax.default_backend() == "cpu":
+    if unreported:
         table.notes.append(
-            "XLA temp MB is 0 for the full head on CPU: XLA fuses the matmul and the max over K "
-            "into one YNNPACK fusion whose buffers are not reported (seen in the compiled HLO); "
-            "other backends may materialise the [b, 56, 56, K] similarities (not measured here).")
+            "XLA temp MB 0 for a full head: XLA fused the matmul and the max over K into one "
+            "library (YNNPACK) fusion whose buffers are not reported (seen in the compiled HLO); "
+            "without it the [b, 56, 56, K] similarities are materialised.")
     table.notes += [
-        ("protoad_jax: jax.jit(scoring.patch_scores) per image and jax.jit(jax.vmap("
-         "patch_scores, in_axes=(0, None))) per batch (AOT-compiled, blocked until ready); "
+        (f"protoad_jax: jax.jit(scoring.patch_scores) per image and jax.jit(jax.vmap("
+         f"patch_scores, in_axes=(0, None))) per batch, compiler_options="
+         f"{xla_cpu.compiler_options()} as in pipeline.py (AOT-compiled, blocked until ready); "
          "torch: 1 - max_k conv2d(F.normalize(x), P[:, :, None, None]) under no_grad, NCHW."),
         ("chunked: patch_scores(chunk_size=...) scans prototype chunks with a running max, so "
          "the [56, 56, K] similarity block is never whole; speed-up for chunked rows is against "
@@ -74,8 +78,10 @@ def _head_jax(emb, protos, chunk: int | None):
     """Warmed-up calls ``(one image, the batch)`` of the jitted ``patch_scores`` and the XLA temp
     MB of the batch."""
     head = functools.partial(scoring.patch_scores, chunk_size=chunk)
-    one = jax.jit(head).lower(emb[0], protos).compile()
-    batched = jax.jit(jax.vmap(head, in_axes=(0, None))).lower(emb, protos).compile()
+    options = xla_cpu.compiler_options()
+    one = jax.jit(head, compiler_options=options).lower(emb[0], protos).compile()
+    batched = jax.jit(jax.vmap(head, in_axes=(0, None)), compiler_options=options).lower(
+        emb, protos).compile()
     calls = (lambda: one(emb[0], protos).block_until_ready(),
              lambda: batched(emb, protos).block_until_ready())
     for call in calls:

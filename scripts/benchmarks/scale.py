@@ -8,13 +8,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 from absl import flags
+from harness import FLAGS, Table
 
-from bench import harness
-from bench.harness import FLAGS, Table
-from protoad_jax import Config, datasets, evaluation, pipeline, weights
-from protoad_jax.datasets import demo
+from protoad_jax import Config, datasets, pipeline, weights
 from protoad_jax import config as config_lib
+from protoad_jax.datasets import demo
 
 flags.DEFINE_integer("scale_images", 391, "scale: generated training images (391 = MVTec hazelnut).")
 

@@ -1,8 +1,8 @@
 """Time an exported scorer in a fresh process, and optionally compare it with the live scorer.
 
-Commands:
-  python scripts/time_exported.py --exported=D
-  python scripts/time_exported.py --exported=D --model=M.npz --allow_random_weights --batch_size=8
+Commands (D written by ``python scripts/export.py --model=M.npz --output=D``):
+  python scripts/benchmarks/time_exported.py --exported=D
+  python scripts/benchmarks/time_exported.py --exported=D --model=M.npz --allow_random_weights --batch_size=8
 
 Prints one line each: the files and their sizes; import and load time (checks, sha256,
 deserialize, weights to the device); the first call at --batch_size (compile + run) and the
@@ -56,7 +56,7 @@ def main(argv):
           f"{np.median(times):.3f} s per call over {FLAGS.repeats}")
     print(f"peak RSS {rss:.0f} MiB; flax imported: {'flax' in sys.modules}")
     if FLAGS.model:
-        from protoad_jax import evaluation, weights
+        from protoad_jax import weights
 
         model = protoad_jax.load_model(FLAGS.model)
         net = weights.backbone_for_model(model, FLAGS.weights, allow_random=FLAGS.allow_random_weights)

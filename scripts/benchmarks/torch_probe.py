@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import statistics
 
-from bench import harness
-from bench.harness import FLAGS, Table
+import harness
+from harness import FLAGS, Table
 
 
 def run() -> list[Table]:
