@@ -45,7 +45,7 @@ class Config:
       spherical: k-means with cosine assignment on L2-normalised patches.
       max_patches: keep at most this many training patches (seeded); None = all; ``"auto"``
         (default) = all on GPU/TPU, ``CPU_MAX_PATCHES`` on CPU, where exact FINCH costs
-        ``O(n^2 d)`` (times in docs/benchmarks.md).
+        ``O(n^2 d)`` (times in docs/speed.md, "Fit stage").
       patch_sampler: how ``max_patches`` are chosen: ``"random"`` (uniform, seeded) or
         ``"coreset"`` (greedy k-center on a seeded random projection, PatchCore's; needs all
         patches in memory first).

@@ -1,16 +1,19 @@
 """FINCH against the authors' algorithm (tests/finch_oracle.py, float64, exact neighbours), on
-real-photo patch embeddings and on synthetic data with near-duplicates and exact duplicates."""
+real-photo patch embeddings and on synthetic data with near-duplicates and exact duplicates; and
+the exact-tie rule (copies settled by index, docs/METHOD.md section 2) on its own."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from finch_oracle import authors_finch, canonical, member_means
+from sklearn.datasets import load_sample_images
 
-from protoad_jax import evaluation, pipeline, weights
-from protoad_jax.datasets import demo
-from protoad_jax.config import Config
+from protoad_jax import pipeline, weights
+from protoad_jax.clustering import merging
 from protoad_jax.clustering.finch import finch
+from protoad_jax.config import Config
+from protoad_jax.datasets import demo
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +21,7 @@ def photo_patches() -> np.ndarray:
     """1,800 patch embeddings of crops of scikit-learn's sample photographs (random-init
     wide_resnet50_2, float16 as the pipeline stores them), seeded."""
     net = weights.random_backbone("wide_resnet50_2", "test")
-    crops = demo.photo_crops(2, seed=3)
+    crops = demo.photo_crops(load_sample_images().images, 2, seed=3)
     x = pipeline.extract_patches(crops, net.variables, Config(max_patches=None), batch_size=2,
                                  progress=False)
     rows = np.sort(np.random.default_rng(0).choice(len(x), 1800, replace=False))
@@ -139,11 +142,129 @@ def test_bad_input_and_edge_cases():
     # Two samples: mutual neighbours, one cluster at level 0, no level above.
     two = finch(x[:2], num_clusters=2)
     assert two.num_clusters == [1] and two.required_labels.tolist() == [0, 1]
-    # All-identical samples: one cluster; K > 1 merges identical samples, lowest pairs first.
+    # Ten identical samples: one cluster at level 0 (distance exactly 0: min_sim 0). K = 3 merges
+    # the samples themselves; all are copies, so by the exact-tie rule sample 0 absorbs samples
+    # 1..7 in index order (7 = 10 - 3 merges) and 8, 9 stay alone, on every CPU (issue 16: the
+    # last bit of a mean had made it [0 0 0 0 0 0 0 1 1 2] on one CPU).
     same = np.repeat(x[:1], 10, axis=0)
     res = finch(same, num_clusters=3)
-    assert res.num_clusters == [1] and res.required_level == -1
-    want = authors_finch(same.astype(np.float64), req_clust=3)[2]
-    np.testing.assert_array_equal(res.required_labels, want)
-    assert len(np.unique(res.required_labels)) == 3
-    np.testing.assert_array_equal(res.required_labels, canonical(res.required_labels))
+    assert res.num_clusters == [1] and res.required_level == -1 and res.min_sim == 0.0
+    assert res.stats["merge"]["copies"] == 7
+    np.testing.assert_array_equal(res.required_labels, [0, 0, 0, 0, 0, 0, 0, 0, 1, 2])
+    np.testing.assert_array_equal(authors_finch(same.astype(np.float64), req_clust=3)[2],
+                                  [0, 0, 0, 0, 0, 0, 0, 0, 1, 2])
+    for k in range(1, 11):  # K clusters: samples 0..10-K together, then one each
+        want = [0] * (11 - k) + list(range(1, k))
+        np.testing.assert_array_equal(finch(same, num_clusters=k).required_labels, want)
+
+
+# ----------------------------------------------------------------------------- exact ties
+
+
+def copies_first(first: np.ndarray, k: int) -> np.ndarray:
+    """The exact-tie rule, transcribed for ``n - k`` at most the number of copies beyond the
+    first: the lowest tied pair merges each time, i.e. groups of copies in order of their first
+    copy (``first[i]``: the first copy of row i), each absorbing its other copies in index
+    order."""
+    n = len(first)
+    labels = np.arange(n)
+    for _ in range(n - k):
+        tied = [(labels[first[j]], labels[j]) for j in range(n) if labels[j] != labels[first[j]]]
+        i, j = min(tied)  # the lowest pair of clusters that are copies of one row
+        labels[labels == j] = i
+    return canonical(labels)
+
+
+def with_copies(n: int = 120, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct random rows with groups of copies (multiplicities 2, 3, 4, 6, 9) scattered over
+    the samples, the first copy not always the earliest group; and for each row its first copy."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, d)) + 0.3).astype(np.float32)
+    first = np.arange(n)
+    free = rng.permutation(n)
+    for size in (3, 9, 2, 6, 4):
+        rows, free = np.sort(free[:size]), free[size:]
+        x[rows] = x[rows[0]]
+        first[rows] = rows[0]
+    return x, first
+
+
+def test_exact_ties_hand_made():
+    """Five distinct rows A..E as A B A C B A D C A E: copies of A at 0 2 5 8, B at 1 4, C at 3
+    7. The rule merges 0-2, 0-5, 0-8 (A, the lowest group), then 1-4 (B), then 3-7 (C)."""
+    rng = np.random.default_rng(1)
+    a, b, c, d, e = rng.normal(size=(5, 8)).astype(np.float32)
+    x = np.stack([a, b, a, c, b, a, d, c, a, e])
+    want = {9: [0, 1, 0, 2, 3, 4, 5, 6, 7, 8], 8: [0, 1, 0, 2, 3, 0, 4, 5, 6, 7],
+            7: [0, 1, 0, 2, 3, 0, 4, 5, 0, 6], 6: [0, 1, 0, 2, 1, 0, 3, 4, 0, 5],
+            5: [0, 1, 0, 2, 1, 0, 3, 2, 0, 4]}
+    for k, labels in want.items():
+        res = finch(x, num_clusters=k)
+        print(f"K={k}: {res.required_labels.tolist()} (level 0: {res.num_clusters[0]} clusters)")
+        assert res.required_level == -1 and res.stats["merge"]["copies"] == 10 - k
+        np.testing.assert_array_equal(res.required_labels, labels, err_msg=f"K={k}")
+        np.testing.assert_array_equal(copies_first(np.array([0, 1, 0, 3, 1, 0, 6, 3, 0, 9]), k),
+                                      labels)
+        np.testing.assert_array_equal(authors_finch(x.astype(np.float64), req_clust=k)[2], labels)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_ties_copies_merge_first_by_index(seed):
+    x, first = with_copies(seed=seed)
+    n, copies = len(x), int((first != np.arange(len(x))).sum())  # 19 merges of copies
+    level0 = finch(x).num_clusters[0]
+    u = n - copies  # distinct rows
+    assert level0 < u - 5
+    # K reached among the copies: the rule alone; all copies merged: one cluster per distinct
+    # row; below that the float64 merging of the distinct rows, from the rule's start (oracle).
+    for k in (n - 1, n - 7, n - 18, u, u - 5):
+        res = finch(x, num_clusters=k, chunk_size=50)
+        want = (copies_first(first, k) if k >= u else
+                authors_finch(x.astype(np.float64), req_clust=k)[2])
+        print(f"seed {seed} K={k}: {res.stats['merge']}, mismatches "
+              f"{(res.required_labels != want).sum()}")
+        np.testing.assert_array_equal(res.required_labels, want, err_msg=f"K={k}")
+        assert res.stats["merge"]["copies"] == min(n - k, copies)
+        if k == u:
+            np.testing.assert_array_equal(res.required_labels, canonical(first))
+        # rounding cannot move it: exact scalings by powers of two, other chunks, bfloat16
+        for scale, kw in ((2.0 ** -7, {}), (2.0 ** 9, {"chunk_size": 17}),
+                          (1.0, {"precision": "bfloat16", "chunk_size": 33})):
+            other = finch(x * np.float32(scale), num_clusters=k, **kw).required_labels
+            np.testing.assert_array_equal(other, want, err_msg=f"K={k} x{scale} {kw}")
+
+
+def test_exact_ties_do_not_depend_on_cosine_rounding(monkeypatch):
+    """Every float64 cosine of the merging lowered by 0 to 3 units of 2^-50 at random (far more
+    than any CPU's rounding): the labels of the copies' merges stay the rule's. Without the rule
+    (merge_closest not told of the copies) the same noise moves the labels of ten identical
+    samples, so the noise does reach the decisions the rule takes out of arithmetic."""
+    rng = np.random.default_rng(0)
+    cos, lists = merging._State._cos, merging.candidate_lists
+
+    def noisy_cos(self, rows, x):
+        return cos(self, rows, x) - rng.integers(0, 4, len(rows)) * 2.0 ** -50
+
+    def noisy_lists(*a, **kw):
+        idx, sim, t = lists(*a, **kw)
+        sim = sim - rng.integers(0, 4, sim.shape) * 2.0 ** -50
+        order = np.argsort(-sim, axis=1, kind="stable")
+        return np.take_along_axis(idx, order, 1), np.take_along_axis(sim, order, 1), t
+
+    monkeypatch.setattr(merging._State, "_cos", noisy_cos)
+    monkeypatch.setattr(merging, "candidate_lists", noisy_lists)
+    x, first = with_copies(seed=2)
+    u = len(x) - int((first != np.arange(len(x))).sum())
+    for k in (len(x) - 4, u, u - 5):  # the last: float64 merges (gaps >> the noise) as well
+        want = (copies_first(first, k) if k >= u else
+                authors_finch(x.astype(np.float64), req_clust=k)[2])
+        np.testing.assert_array_equal(finch(x, num_clusters=k).required_labels, want,
+                                      err_msg=f"K={k}")
+    same = np.repeat(x[:1].astype(np.float64), 10, axis=0)
+    rule = [0, 0, 0, 0, 0, 0, 0, 0, 1, 2]
+    without = [merging.merge_closest(same, np.ones(10), 3).tolist() for _ in range(6)]
+    print("ten copies, K=3, without the rule under noise:", without)
+    assert any(w != rule for w in without)
+    for _ in range(6):
+        np.testing.assert_array_equal(
+            merging.merge_closest(same, np.ones(10), 3, copies=np.zeros(10, int)), rule)

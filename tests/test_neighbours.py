@@ -52,6 +52,11 @@ def test_equals_float64_brute_force(precision, chunk, candidates):
     assert nb.duplicates == 41 + 4 and nb.reranked > 0
     assert nb.index[7] == 100 and nb.index[100] == 7 and nb.index[139] == 7  # lowest other copy
     assert nb.index[600] == 500 and nb.index[500] == 501
+    copies = np.r_[7, 100:140, 500:503, 600]
+    assert (nb.similarity[copies] == 1.0).all()  # exactly 1 between copies, not computed
+    want_copies = np.arange(len(x))
+    want_copies[100:140], want_copies[[501, 502, 600]] = 7, 500
+    np.testing.assert_array_equal(nb.copies, want_copies)
     u = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
     np.testing.assert_allclose(nb.similarity, np.clip(np.einsum("nd,nd->n", u, u[want]), -1, 1),
                                rtol=0, atol=1e-15)

@@ -51,7 +51,7 @@ import scipy.sparse.csgraph
 from jax.sharding import Mesh
 
 from protoad_jax.clustering import memory, merging
-from protoad_jax.clustering.neighbours import cosine64, duplicate_groups, first_neighbours, unit64
+from protoad_jax.clustering.neighbours import Neighbours, cosine64, first_neighbours, unit64
 
 _SUM_ROWS = 16384  # rows per block of the float64 cluster sums
 _BUDGET_HINT = "subsample the patches (Config.max_patches)"
@@ -112,15 +112,16 @@ def _distance(rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(out, 0.0, 2.0)
 
 
-def _sibling_diameter(rows: np.ndarray, kappa: np.ndarray) -> float:
-    """Largest cosine distance between two samples that share a first neighbour (copies of a
-    row, and a row with itself, at distance exactly 0: one copy of each row is compared)."""
+def _sibling_diameter(rows: np.ndarray, kappa: np.ndarray, copies: np.ndarray) -> float:
+    """Largest cosine distance between two samples that share a first neighbour (copies, i.e.
+    equal ``copies[i]``, and a row with itself at distance exactly 0: one copy of each row is
+    compared)."""
     order = np.argsort(kappa, kind="stable")
     _, starts, sizes = np.unique(kappa[order], return_index=True, return_counts=True)
     worst = 0.0
     for s, k in zip(starts[sizes >= 2], sizes[sizes >= 2]):
-        kids = rows[order[s:s + k]]
-        kids = unit64(kids[duplicate_groups(kids) == np.arange(k)])
+        kids = order[s:s + k]
+        kids = unit64(rows[kids[np.unique(copies[kids], return_index=True)[1]]])
         for r in range(0, len(kids), 1024):
             sim = np.clip(kids[r:r + 1024] @ kids.T, -1, 1)
             sim[np.arange(len(sim)), r + np.arange(len(sim))] = 1.0
@@ -153,11 +154,12 @@ def _level(rows: np.ndarray, kappa: np.ndarray, sim: np.ndarray,
     return _components(n, np.concatenate(src), np.concatenate(dst))
 
 
-def _early_exit_threshold(rows: np.ndarray, kappa: np.ndarray, sim: np.ndarray) -> float:
+def _early_exit_threshold(rows: np.ndarray, nb: Neighbours) -> float:
     """The authors' ``min_sim = max(A * D)`` over the links of level 0."""
+    kappa = nb.index
     mutual = kappa[kappa] == np.arange(len(kappa))
-    linked = float(((1.0 + mutual) * np.clip(1.0 - sim, 0.0, 2.0)).max())
-    return max(linked, _sibling_diameter(rows, kappa))
+    linked = float(((1.0 + mutual) * np.clip(1.0 - nb.similarity, 0.0, 2.0)).max())
+    return max(linked, _sibling_diameter(rows, kappa, nb.copies))
 
 
 def _sums(x: np.ndarray, labels: np.ndarray, c: int) -> np.ndarray:
@@ -226,8 +228,8 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
 
     nb = first_neighbours(xh, **kw)
     labels, c = _level(xh, nb.index, nb.similarity, None)
-    min_sim = (_early_exit_threshold(xh, nb.index, nb.similarity)
-               if ensure_early_exit and n > 2 else None)
+    min_sim = _early_exit_threshold(xh, nb) if ensure_early_exit and n > 2 else None
+    copies = nb.copies  # exact duplicates, for the merging of the samples themselves
     level_stats = [counters(nb)]
     sums = _sums(xh, labels, c)
     counts = np.bincount(labels, minlength=c).astype(np.float64)
@@ -282,7 +284,6 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
             else:
                 base_labels, base_counts = np.arange(n, dtype=np.int32), np.ones(n)
                 base_sums = np.asarray(xh, np.float64)
-                copies = duplicate_groups(xh)
             merge_stats: dict = {}
             merged_labels = merging.merge_closest(base_sums, base_counts, k, copies=copies,
                                                   stats=merge_stats, **kw)

@@ -28,7 +28,14 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
-from protoad_jax.clustering.chunking import as_float, check_finite, is_sharded, map_rows, replicate, scan_rows
+from protoad_jax.clustering.chunking import (
+    as_float,
+    check_finite,
+    is_sharded,
+    map_rows,
+    replicate,
+    scan_rows,
+)
 from protoad_jax.scoring import l2_normalize
 
 # Assignments are argmin decisions: run the distance matmul at full float32 precision on every

@@ -72,6 +72,7 @@ class Neighbours(NamedTuple):
       duplicates: rows that have an identical row elsewhere.
       precision: ``"float32"`` or ``"bfloat16"``, the candidate pass's arithmetic.
       bound: the error bound ``B`` used.
+      copies: ``[n]`` int64, for each row its first copy (itself if none; ``duplicate_groups``).
     """
 
     index: np.ndarray
@@ -82,6 +83,7 @@ class Neighbours(NamedTuple):
     duplicates: int
     precision: str
     bound: float
+    copies: np.ndarray
 
 
 def error_bound(d: int, precision: str) -> float:
@@ -360,7 +362,7 @@ def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candi
         were all near ties.
       precision: candidate-pass arithmetic, ``"float32"`` or ``"bfloat16"``; the result does not
         depend on it, only the time: bfloat16's bound is ~40 times wider, so on densely
-        clustered patches most queries fall back (see BENCHMARKS.md); float32 is the default.
+        clustered patches most queries fall back (see docs/speed.md, "Fit stage"); float32 is the default.
       mesh: devices to split the query chunks over (``x`` replicated on each); the result does
         not depend on the device count.
 
@@ -434,4 +436,4 @@ def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candi
     similarity[dup_rows] = 1.0
     return Neighbours(index.astype(np.int32), similarity, reranked=int(reranked),
                       fallbacks=int(fallbacks), exhaustive=int(exhaustive),
-                      duplicates=len(dup_rows), precision=prec, bound=bound)
+                      duplicates=len(dup_rows), precision=prec, bound=bound, copies=first)
