@@ -27,7 +27,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 import protoad_jax
-from protoad_jax import backbone, export, pipeline, scoring, weights, xla_cpu
+from protoad_jax import backbone, export, scoring, weights, xla_cpu
 from protoad_jax.config import IMAGENET_MEAN, IMAGENET_STD, Config
 from protoad_jax.export import ExportError
 

@@ -4,8 +4,6 @@ docs/METHOD.md section 1.
 """
 
 import functools
-import pathlib
-import sys
 
 import cv2
 import jax
