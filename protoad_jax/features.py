@@ -39,6 +39,40 @@ def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return jnp.take(x, nearest_indices(w, size[1]), axis=1)
 
 
+def grid_indices(shapes: tuple[tuple[int, int], ...]) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """For stages of spatial ``shapes`` (finest first), the source row and column of each position
+    of the finest grid: the composed nearest index maps ``embed`` applies (coarsest upsampled to
+    the next-finer grid, that to the next, ...). Entry 0 is the identity.
+
+    Returns:
+      per stage ``(rows [h0], cols [w0])`` int64 arrays.
+    """
+    out = []
+    for i, (h, w) in enumerate(shapes):
+        rows, cols = np.arange(h), np.arange(w)
+        for finer in reversed(shapes[:i]):  # each upsampling step, coarse to fine
+            rows = rows[nearest_indices(len(rows), finer[0])]
+            cols = cols[nearest_indices(len(cols), finer[1])]
+        out.append((rows, cols))
+    return tuple(out)
+
+
+def upsample_to(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
+    """``x [h, w, ...]`` at the finest grid's positions: ``x[rows][:, cols]`` (``grid_indices``).
+
+    An exact integer factor (``rows == arange // f``, the WideResNet's 2x and 4x) is a repeat,
+    which XLA fuses into its consumer; other sizes gather.
+    """
+    def along(x: jax.Array, idx: np.ndarray, axis: int) -> jax.Array:
+        n = x.shape[axis]
+        f = len(idx) // n
+        if f * n == len(idx) and np.array_equal(idx, np.arange(len(idx)) // f):
+            return x if f == 1 else jnp.repeat(x, f, axis=axis, total_repeat_length=len(idx))
+        return jnp.take(x, idx, axis=axis)
+
+    return along(along(x, rows, 0), cols, 1)
+
+
 def embed(feats: dict[str, jax.Array], layers: tuple[str, ...] = EMBED_LAYERS) -> jax.Array:
     """Concatenates backbone stages into one patch embedding at the finest stage's resolution.
 

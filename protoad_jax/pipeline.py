@@ -5,8 +5,8 @@ regions, each built once per static configuration and cached (15 categories neve
 The other jits: clustering's inside its wing (``protoad_jax.clustering``), the exported
 artifact's call (``export``) and the on-device NaN check of ``input_pipeline.check_images``.
   * ``_embed_fn``: images ``[b, s, s, 3]`` -> L2-normalised patch embeddings ``[b, h, w, 1792]``;
-  * ``scoring_function``: images ``[b, s, s, 3]`` -> ``ScoreResult`` batched (backbone -> embed
-    -> head).
+  * ``scoring_function``: images ``[b, s, s, 3]`` -> ``ScoreResult`` batched (backbone -> the
+    factored head, ``scoring.score_features``: the embedding is never concatenated).
 Both compile with ``xla_cpu.compiler_options()`` (XLA:CPU's faster convolution emitters; none on
 GPU/TPU), so a user's program gets the same code as the scripts without any setup call. The
 fitted model and its file are ``protoad_jax.model``.
@@ -51,8 +51,8 @@ def _dtype(name: str) -> Any:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def _embed_batch(arch: str, dtype: str, variables: dict, images: jax.Array) -> jax.Array:
-    """``[b, s, s, 3]`` -> per-position embeddings ``[b, h, w, 1792]`` (float32).
+def _stages_batch(arch: str, dtype: str, variables: dict, images: jax.Array) -> list[jax.Array]:
+    """``[b, s, s, 3]`` -> the embedded stages, finest first: ``[b, h_l, w_l, c_l]`` each.
 
     Variables without ``batch_stats`` are BatchNorm-folded (``backbone.fold_batchnorm``); the
     choice is made from the pytree structure at trace time.
@@ -61,7 +61,13 @@ def _embed_batch(arch: str, dtype: str, variables: dict, images: jax.Array) -> j
 
     net = backbone.ResNet(arch=arch, dtype=_dtype(dtype), folded="batch_stats" not in variables)
     feats = net.apply(variables, images)
-    return jax.vmap(features.embed)({k: feats[k] for k in EMBED_LAYERS})
+    return [feats[k] for k in EMBED_LAYERS]
+
+
+def _embed_batch(arch: str, dtype: str, variables: dict, images: jax.Array) -> jax.Array:
+    """``[b, s, s, 3]`` -> per-position embeddings ``[b, h, w, 1792]`` (float32), for fitting."""
+    stages = _stages_batch(arch, dtype, variables, images)
+    return jax.vmap(features.embed)(dict(zip(EMBED_LAYERS, stages)))
 
 
 @functools.cache
@@ -77,12 +83,15 @@ def _score_fn(arch: str, dtype: str, image_size: int, sigma: float, truncate: fl
               image_score: str, chunk_size: int | None, tuned: bool = True) -> Callable:
     """The jitted scoring region; ``tuned=False`` without compiler options, for use inside a
     user's ``jit`` (JAX accepts compiler options on top-level ``jit`` only)."""
-    head = functools.partial(scoring.score_image, out_size=(image_size, image_size), sigma=sigma,
-                             truncate=truncate, image_score=image_score, chunk_size=chunk_size)
+    # The factored head: prototype similarities at each stage's own resolution (exact up to
+    # float32 rounding, 4x fewer head FLOPs; docs/METHOD.md section 1).
+    head = functools.partial(scoring.score_features, out_size=(image_size, image_size),
+                             sigma=sigma, truncate=truncate, image_score=image_score,
+                             chunk_size=chunk_size)
 
     def fn(variables, prototypes, images):
-        emb = _embed_batch(arch, dtype, variables, images)
-        return jax.vmap(head, in_axes=(0, None))(emb, prototypes)
+        stages = _stages_batch(arch, dtype, variables, images)
+        return jax.vmap(head, in_axes=(0, None))(stages, prototypes)
 
     return jax.jit(fn, compiler_options=xla_cpu.compiler_options() if tuned else None)
 
@@ -91,8 +100,9 @@ def scoring_function(config: Config, chunk_size: int | None = None, *,
                      tuned: bool = True) -> Callable:
     """The cached jitted scoring region for ``config``'s static settings.
 
-    ``fn(variables, prototypes [k, c], images [b, s, s, 3]) -> ScoreResult`` batched: backbone,
-    embedding and head (``scoring.score_image``, vmapped). Configs with the same architecture,
+    ``fn(variables, prototypes [k, c], images [b, s, s, 3]) -> ScoreResult`` batched: backbone
+    and the factored head (``scoring.score_features``, vmapped: ``score_image`` of the
+    embedding, computed per stage). Configs with the same architecture,
     dtype, image size, sigma, truncate and image score share one function (``fn._cache_size()``
     counts its compiled shapes). ``tuned=False``: without ``xla_cpu.compiler_options()``, for
     use inside a user's ``jit`` (JAX accepts compiler options on a top-level ``jit`` only).

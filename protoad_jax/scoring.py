@@ -9,6 +9,7 @@ small matrices, which reproduces OpenCV / SciPy exactly up to float32 rounding.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -17,6 +18,7 @@ import numpy as np
 from jax import lax
 
 from protoad_jax.config import IMAGE_SCORES
+from protoad_jax.features import grid_indices, upsample_to
 
 NORM_EPS = 1e-12  # torch F.normalize default
 # The upsample/blur matrices are tiny; run them at full float32 precision on every backend so
@@ -150,6 +152,115 @@ def patch_scores(embedding: jax.typing.ArrayLike, prototypes: jax.typing.ArrayLi
     return 1.0 - best
 
 
+def nested_shapes(grids: Sequence[tuple[np.ndarray, np.ndarray]], finest: tuple[int, int]
+                  ) -> list[tuple[int, ...]] | None:
+    """Shapes that put every stage on one nested grid, so that upsampling is broadcasting.
+
+    When each stage's rows (and columns) on the finest grid are ``arange // f_l`` with factors
+    that divide one another (1, 2, 4 for layer1..3), a finest index is ``a * F + digits`` in
+    mixed radix (``F`` the largest factor), and stage ``l`` depends on ``a`` and the digits
+    above ``f_l`` only: its ``[h_l, w_l]`` reshapes to ``[H, r_m, ..., 1, W, r_m, ..., 1]``.
+    Returns one shape per stage, or None when the sizes are not such exact multiples.
+    """
+    shape = []
+    for axis, n in enumerate(finest):
+        factors = []
+        for g in grids:
+            idx = g[axis]
+            f = n // (int(idx.max()) + 1)
+            if f * (int(idx.max()) + 1) != n or not np.array_equal(idx, np.arange(n) // f):
+                return None
+            factors.append(f)
+        chain = sorted(set(factors))
+        if any(b % a for a, b in zip(chain, chain[1:])):
+            return None
+        radices = [b // a for a, b in zip(chain, chain[1:])][::-1]  # coarse digit first
+        shape.append((n // chain[-1], radices, chain, factors))
+    out = []
+    for l in range(len(grids)):
+        dims: list[int] = []
+        for n_top, radices, chain, factors in shape:
+            keep = len(chain) - 1 - chain.index(factors[l])  # digits coarser than this stage's f
+            dims += [n_top] + [r if j < keep else 1 for j, r in enumerate(radices)]
+        out.append(tuple(dims))
+    return out
+
+
+def patch_scores_factored(feats: Sequence[jax.typing.ArrayLike], prototypes: jax.typing.ArrayLike,
+                          chunk_size: int | None = None) -> jax.Array:
+    """``patch_scores(features.embed(feats), prototypes)``, computed at each stage's own resolution.
+
+    Nearest upsampling commutes with dot products (docs/METHOD.md section 1, "Factored head"):
+    for a prototype ``p = [p_1, p_2, p_3]`` split like the embedding's channels,
+    ``x . p = l_1 . p_1 + up(l_2 . p_2) + up(l_3 . p_3)`` and
+    ``|x|^2 = |l_1|^2 + up(|l_2|^2) + up(|l_3|^2)``, so the similarity of every position is
+    ``max_k (x . p_k) / max(|x|, 1e-12)`` (dividing by a positive number keeps the max). Exact up
+    to float32 rounding (the sums run in another order); for WideResNet-50-2 at 224 x 224 the
+    matmuls cost ``56^2 * 256 + 28^2 * 512 + 14^2 * 1024`` multiply-adds per prototype instead of
+    ``56^2 * 1792``: 4x fewer.
+
+    Args:
+      feats: per-stage features of one image, finest first: ``[[h_1, w_1, c_1], [h_2, w_2, c_2],
+        ...]`` (any float dtype; computed in float32).
+      prototypes: ``[k, c_1 + c_2 + ...]``, prepared by ``prepare_prototypes``.
+      chunk_size: prototypes per scan step (running max), or None for one matmul per stage.
+
+    Returns:
+      ``[h_1, w_1]`` float32.
+
+    Raises:
+      ValueError: wrong ranks, ``k == 0``, channel mismatch, or ``chunk_size < 1``.
+    """
+    xs = [jnp.asarray(f, jnp.float32) for f in feats]
+    p = jnp.asarray(prototypes, jnp.float32)
+    if not xs or any(x.ndim != 3 for x in xs):
+        raise ValueError(f"feats must be one image's stages [h, w, c], finest first; got shapes "
+                         f"{[jnp.shape(x) for x in xs]} (vmap over the batch axis)")
+    widths = [x.shape[-1] for x in xs]
+    if p.ndim != 2 or p.shape[0] < 1 or p.shape[1] != sum(widths):
+        raise ValueError(f"prototypes must be [k >= 1, {sum(widths)}] (stage widths {widths}); got "
+                         f"shape {p.shape}")
+    finest = xs[0].shape[:2]
+    grids = grid_indices(tuple(x.shape[:2] for x in xs))
+    nested = nested_shapes(grids, finest)
+    splits = np.cumsum(widths)[:-1].tolist()
+
+    def on_finest(parts: list[jax.Array]) -> jax.Array:
+        """Sum of per-stage ``[h_l, w_l, ...]`` upsampled to ``[h_1, w_1, ...]``."""
+        if nested is None:  # sizes that are no exact multiples: gather onto the finest grid
+            return sum(upsample_to(s, *g) for s, g in zip(parts, grids))
+        # Exact factors: each stage reshaped onto one nested grid and added by broadcasting,
+        # which XLA fuses into the consumer (no [h_1, w_1, k] gather or copy).
+        tail = parts[0].shape[2:]
+        total = sum(s.reshape(*shape, *tail) for s, shape in zip(parts, nested))
+        return total.reshape(*finest, *tail)
+
+    sq = on_finest([jnp.sum(jnp.square(x), axis=-1) for x in xs])
+    norm = jnp.maximum(jnp.sqrt(sq), NORM_EPS)  # [h_1, w_1]
+
+    def best_dot(protos: jax.Array) -> jax.Array:  # [kc, c] -> [h_1, w_1]
+        sims = [jnp.einsum("hwc,kc->hwk", x, q)  # [h_l, w_l, kc] per stage
+                for x, q in zip(xs, jnp.split(protos, splits, axis=1))]
+        if nested is None:
+            return jnp.max(on_finest(sims), axis=-1)
+        dots = sum(s.reshape(*shape, s.shape[-1]) for s, shape in zip(sims, nested))
+        return jnp.max(dots, axis=-1).reshape(finest)  # the max before the reshape: fused
+
+    k, c = p.shape
+    chunk_size = check_chunk_size(chunk_size)
+    if chunk_size is None or chunk_size >= k:
+        return 1.0 - best_dot(p) / norm
+    n_chunks = -(-k // chunk_size)
+    pad = n_chunks * chunk_size - k  # copies of prototype 0 never change the max
+    chunks = jnp.concatenate([p, jnp.broadcast_to(p[:1], (pad, c))]).reshape(n_chunks, chunk_size, c)
+
+    def step(best, chunk):
+        return jnp.maximum(best, best_dot(chunk)), None
+
+    best, _ = lax.scan(step, jnp.full(xs[0].shape[:2], -jnp.inf, jnp.float32), chunks)
+    return 1.0 - best / norm
+
+
 @functools.cache
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     """``[n_out, n_in]`` float64 linear-interpolation matrix with OpenCV ``INTER_LINEAR`` semantics.
@@ -281,9 +392,30 @@ def score_image(embedding: jax.typing.ArrayLike, prototypes: jax.typing.ArrayLik
     Raises:
       ValueError: unknown ``image_score`` or a shape error from ``patch_scores``.
     """
+    return finish(patch_scores(embedding, prototypes, chunk_size), out_size=out_size, sigma=sigma,
+                  truncate=truncate, image_score=image_score)
+
+
+def score_features(feats: Sequence[jax.typing.ArrayLike], prototypes: jax.typing.ArrayLike, *,
+                   out_size: tuple[int, int] = (224, 224), sigma: float = 4.0, truncate: float = 4.0,
+                   image_score: str = "smoothed_max", chunk_size: int | None = None) -> ScoreResult:
+    """``score_image(features.embed(feats), ...)`` with the factored head
+    (``patch_scores_factored``): what the scoring path runs.
+
+    Args:
+      feats: per-stage features of one image, finest first (``[56, 56, 256]``, ``[28, 28, 512]``,
+        ``[14, 14, 1024]``).
+      prototypes, out_size, sigma, truncate, image_score, chunk_size: as ``score_image``.
+    """
+    return finish(patch_scores_factored(feats, prototypes, chunk_size), out_size=out_size,
+                  sigma=sigma, truncate=truncate, image_score=image_score)
+
+
+def finish(patch_map: jax.Array, *, out_size: tuple[int, int], sigma: float, truncate: float,
+           image_score: str) -> ScoreResult:
+    """Patch map ``[h, w]`` -> ``ScoreResult``: bilinear upsampling, Gaussian blur, image score."""
     if image_score not in IMAGE_SCORES:
         raise ValueError(f"image_score must be one of {tuple(IMAGE_SCORES)}, got {image_score!r}")
-    patch_map = patch_scores(embedding, prototypes, chunk_size)
     anomaly_map = gaussian_blur(upsample_bilinear(patch_map, out_size), sigma, truncate)
     score = jnp.max(anomaly_map) if image_score == "smoothed_max" else jnp.max(patch_map)
     return ScoreResult(patch_map, anomaly_map, score)

@@ -229,20 +229,22 @@ def _max_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_scorer_equals_one_device(runs):
-    """Patch maps are exact. The 224 x 224 maps and scores (bilinear upsample and Gaussian blur
-    as matmuls, batched by vmap) round differently with the per-device batch size (XLA picks
-    another matmul kernel for 4 images than for 1): equal within MAP_TOL of the one-device
-    batch of 4, and bitwise equal to the one-device run of one image, the per-device batch."""
+    """Patch maps, 224 x 224 maps and scores (the factored head's per-stage matmuls, bilinear
+    upsample and Gaussian blur as matmuls, batched by vmap) round differently with the
+    per-device batch size (XLA picks another matmul kernel for 4 images than for 1): equal
+    within MAP_TOL of the one-device batch of 4 and of the one-device run of one image (the
+    per-device batch; the partitioned program may fuse the factored head's sums in another
+    order)."""
     one, _, many, _ = runs
     assert np.ptp(one["scorer_scores"]) > 0 and np.ptp(one["scorer_maps"][0]) > 0, "degenerate"
-    _assert_equal(one, many, "score_patch_maps")
-    for k in ("scorer_maps", "scorer_scores", "score_maps", "score_scores"):
+    for k in ("score_patch_maps", "scorer_maps", "scorer_scores", "score_maps", "score_scores"):
         err = _max_err(one[k], many[k])
         print(f"{k}: max |1 device - {DEVICES} devices| = {err:.3g} (tolerance {MAP_TOL})")
         assert err <= MAP_TOL, f"{k}: max error {err} > {MAP_TOL}"
-    np.testing.assert_array_equal(many["scorer_maps"][:1], one["batch1_maps"],
-                                  "4 devices (1 image each) == 1 device with 1 image")
-    np.testing.assert_array_equal(many["scorer_scores"][:1], one["batch1_scores"])
+    for k in ("maps", "scores"):
+        err = _max_err(many[f"scorer_{k}"][:1], one[f"batch1_{k}"])
+        print(f"{k}: max |1 device, 1 image - {DEVICES} devices, 1 image each| = {err:.3g}")
+        assert err <= MAP_TOL, (k, err)
     # the same computation on 4 devices: score_images, make_scorer, the padded batch of 3 and
     # the scorer under the user's jit agree exactly
     np.testing.assert_array_equal(many["score_maps"], many["scorer_maps"])
