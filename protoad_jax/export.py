@@ -116,7 +116,7 @@ def _versions() -> dict[str, str]:
 
 def export_scorer(model: Model, variables: dict | None, output_dir: str | os.PathLike, *,
                   platforms: Sequence[str] | None = None, batch_size: int | None = None,
-                  chunk_size: int | None = None) -> Path:
+                  chunk_size: int | str | None = "auto") -> Path:
     """Writes ``model``'s whole scoring path as a portable directory (see the module docstring).
 
     ``load_exported(output_dir)`` then gives the same maps and scores as
@@ -132,7 +132,7 @@ def export_scorer(model: Model, variables: dict | None, output_dir: str | os.Pat
         default ``default_platforms()``, the current platform plus cpu.
       batch_size: None: a symbolic batch dimension (any batch, one compile per batch size);
         an int fixes the batch.
-      chunk_size: as ``make_scorer``; None = one prototype matmul.
+      chunk_size: as ``make_scorer`` (default ``"auto"``).
 
     Returns:
       ``output_dir``.
@@ -184,7 +184,8 @@ def export_scorer(model: Model, variables: dict | None, output_dir: str | os.Pat
     return out
 
 
-def _manifest(model: Model, exported: jax_export.Exported, folder: Path, *, chunk_size: int | None,
+def _manifest(model: Model, exported: jax_export.Exported, folder: Path, *,
+              chunk_size: int | str | None,
               folded: bool) -> dict[str, Any]:
     image = exported.in_avals[-1]
     maps, scores = exported.out_avals

@@ -80,24 +80,28 @@ def _embed_fn(arch: str, dtype: str, out_dtype: str) -> Callable:
 
 @functools.cache
 def _score_fn(arch: str, dtype: str, image_size: int, sigma: float, truncate: float,
-              image_score: str, chunk_size: int | None, tuned: bool = True) -> Callable:
+              image_score: str, chunk_size: int | str | None, tuned: bool = True,
+              factored: bool = True) -> Callable:
     """The jitted scoring region; ``tuned=False`` without compiler options, for use inside a
     user's ``jit`` (JAX accepts compiler options on top-level ``jit`` only)."""
     # The factored head: prototype similarities at each stage's own resolution (exact up to
     # float32 rounding, 4x fewer head FLOPs; docs/METHOD.md section 1).
-    head = functools.partial(scoring.score_features, out_size=(image_size, image_size),
-                             sigma=sigma, truncate=truncate, image_score=image_score,
-                             chunk_size=chunk_size)
+    kw = {"out_size": (image_size, image_size), "sigma": sigma, "truncate": truncate,
+          "image_score": image_score, "chunk_size": chunk_size}
 
     def fn(variables, prototypes, images):
         stages = _stages_batch(arch, dtype, variables, images)
-        return jax.vmap(head, in_axes=(0, None))(stages, prototypes)
+        if factored:
+            return jax.vmap(functools.partial(scoring.score_features, **kw),
+                            in_axes=(0, None))(stages, prototypes)
+        emb = jax.vmap(features.embed)(dict(zip(EMBED_LAYERS, stages)))
+        return jax.vmap(functools.partial(scoring.score_image, **kw), in_axes=(0, None))(emb, prototypes)
 
     return jax.jit(fn, compiler_options=xla_cpu.compiler_options() if tuned else None)
 
 
-def scoring_function(config: Config, chunk_size: int | None = None, *,
-                     tuned: bool = True) -> Callable:
+def scoring_function(config: Config, chunk_size: int | str | None = scoring.AUTO, *,
+                     tuned: bool = True, factored: bool = True) -> Callable:
     """The cached jitted scoring region for ``config``'s static settings.
 
     ``fn(variables, prototypes [k, c], images [b, s, s, 3]) -> ScoreResult`` batched: backbone
@@ -106,13 +110,15 @@ def scoring_function(config: Config, chunk_size: int | None = None, *,
     dtype, image size, sigma, truncate and image score share one function (``fn._cache_size()``
     counts its compiled shapes). ``tuned=False``: without ``xla_cpu.compiler_options()``, for
     use inside a user's ``jit`` (JAX accepts compiler options on a top-level ``jit`` only).
+    ``factored=False``: the head on the concatenated embedding (``scoring.score_image``), the
+    same numbers up to float32 rounding at 4x the head's FLOPs, for comparisons (the benchmark).
 
     Raises:
-      ValueError: ``chunk_size`` is not a positive integer or None.
+      ValueError: ``chunk_size`` is not a positive integer, ``"auto"`` or None.
     """
     return _score_fn(config.arch, config.dtype, config.image_size, float(config.sigma),
                      float(config.truncate), config.image_score,
-                     scoring.check_chunk_size(chunk_size), tuned)
+                     scoring.check_chunk_size(chunk_size), tuned, factored)
 
 
 # ----------------------------------------------------------------------------- fit
@@ -228,7 +234,8 @@ def calibrate_threshold(normal_scores: np.ndarray, quantile: float = 0.99) -> tu
     return float(np.quantile(scores, quantile)), f"{quantile:g} quantile of {len(scores)} normal image scores"
 
 
-def scoring_parts(model: Model, variables: dict | None = None, *, chunk_size: int | None = None,
+def scoring_parts(model: Model, variables: dict | None = None, *,
+                  chunk_size: int | str | None = scoring.AUTO,
                   tuned: bool = True, caller: str = "scoring_parts"
                   ) -> tuple[Callable, dict, jax.Array]:
     """What every scoring path runs: ``(fn, variables, prototypes)``.
@@ -253,7 +260,8 @@ def scoring_parts(model: Model, variables: dict | None = None, *, chunk_size: in
     return fn, variables, prototypes
 
 
-def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int | None = None
+def make_scorer(model: Model, variables: dict | None = None, *,
+                chunk_size: int | str | None = scoring.AUTO
                 ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
     """A pure, jitted function ``images [b, s, s, 3] float32 -> (maps [b, s, s], scores [b])``.
 
@@ -277,7 +285,8 @@ def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int 
       model: a fitted or loaded ``Model``; its prototypes are used as stored.
       variables: backbone variables (default: loaded from ``model.weights``).
       chunk_size: prototypes per step of a running max over prototype chunks (bounds the head's
-        memory for large K); None = one matmul.
+        memory for large K); None = one matmul per stage; ``"auto"`` (default) = chunks of
+        ``scoring.AUTO_CHUNK`` when K exceeds it (faster from K ~ 1000 on, docs/benchmarks.md).
 
     Raises:
       ValueError: prototypes not ``[k >= 1, 1792]`` or not finite; no weights; bad ``chunk_size``.
@@ -308,7 +317,8 @@ def make_scorer(model: Model, variables: dict | None = None, *, chunk_size: int 
 
 
 def score_images(model: Model, images: Sequence[Any], variables: dict | None = None, *,
-                 batch_size: int = 8, progress: bool = True, chunk_size: int | None = None,
+                 batch_size: int = 8, progress: bool = True,
+                 chunk_size: int | str | None = scoring.AUTO,
                  skip_bad: bool = False) -> ScoredImages:
     """Scores paths or preprocessed arrays in fixed-size batches (one compile for any count).
 

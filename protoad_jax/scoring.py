@@ -21,6 +21,10 @@ from protoad_jax.config import IMAGE_SCORES
 from protoad_jax.features import grid_indices, upsample_to
 
 NORM_EPS = 1e-12  # torch F.normalize default
+# chunk_size="auto" (the scoring path's default): above this many prototypes the head scans
+# chunks of it with a running max, which keeps each [56, 56, chunk] similarity block in cache:
+# faster than one matmul from K ~ 1000 on (docs/benchmarks.md, head table) and memory bounded.
+AUTO, AUTO_CHUNK = "auto", 512
 # The upsample/blur matrices are tiny; run them at full float32 precision on every backend so
 # the map matches cv2/scipy even where the default matmul precision is TF32 or bf16 passes.
 _EXACT = lax.Precision.HIGHEST
@@ -97,13 +101,22 @@ def _check_head_inputs(embedding: jax.Array, prototypes: jax.Array) -> None:
                          f"embedding {embedding.shape})")
 
 
-def check_chunk_size(chunk_size: int | None) -> int | None:
-    """``chunk_size`` as an int, or None; raises ValueError unless a positive integer or None."""
-    if chunk_size is None:
-        return None
+def check_chunk_size(chunk_size: int | str | None) -> int | str | None:
+    """``chunk_size`` as an int, ``"auto"`` or None; raises ValueError for anything else."""
+    if chunk_size is None or chunk_size == AUTO:
+        return chunk_size
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be a positive integer, 'auto' or None, got {chunk_size!r}")
     return int(chunk_size)
+
+
+def resolve_chunk_size(chunk_size: int | str | None, k: int) -> int | None:
+    """``"auto"``: ``AUTO_CHUNK`` prototypes per step when ``k`` exceeds it, else one matmul;
+    an int or None as given (``check_chunk_size``)."""
+    chunk_size = check_chunk_size(chunk_size)
+    if chunk_size == AUTO:
+        return AUTO_CHUNK if k > AUTO_CHUNK else None
+    return chunk_size
 
 
 def patch_scores(embedding: jax.typing.ArrayLike, prototypes: jax.typing.ArrayLike,
@@ -135,7 +148,7 @@ def patch_scores(embedding: jax.typing.ArrayLike, prototypes: jax.typing.ArrayLi
     h, w, c = x.shape
     k = p.shape[0]
     xn = l2_normalize(x)
-    chunk_size = check_chunk_size(chunk_size)
+    chunk_size = resolve_chunk_size(chunk_size, k)
     if chunk_size is None or chunk_size >= k:
         best = jnp.max(jnp.einsum("hwc,kc->hwk", xn, p), axis=-1)
         return 1.0 - best
@@ -187,7 +200,7 @@ def nested_shapes(grids: Sequence[tuple[np.ndarray, np.ndarray]], finest: tuple[
 
 
 def patch_scores_factored(feats: Sequence[jax.typing.ArrayLike], prototypes: jax.typing.ArrayLike,
-                          chunk_size: int | None = None) -> jax.Array:
+                          chunk_size: int | str | None = AUTO) -> jax.Array:
     """``patch_scores(features.embed(feats), prototypes)``, computed at each stage's own resolution.
 
     Nearest upsampling commutes with dot products (docs/METHOD.md section 1, "Factored head"):
@@ -203,7 +216,8 @@ def patch_scores_factored(feats: Sequence[jax.typing.ArrayLike], prototypes: jax
       feats: per-stage features of one image, finest first: ``[[h_1, w_1, c_1], [h_2, w_2, c_2],
         ...]`` (any float dtype; computed in float32).
       prototypes: ``[k, c_1 + c_2 + ...]``, prepared by ``prepare_prototypes``.
-      chunk_size: prototypes per scan step (running max), or None for one matmul per stage.
+      chunk_size: prototypes per scan step (running max), None for one matmul per stage, or
+        ``"auto"`` (``resolve_chunk_size``: chunks of ``AUTO_CHUNK`` above that many).
 
     Returns:
       ``[h_1, w_1]`` float32.
@@ -247,7 +261,7 @@ def patch_scores_factored(feats: Sequence[jax.typing.ArrayLike], prototypes: jax
         return jnp.max(dots, axis=-1).reshape(finest)  # the max before the reshape: fused
 
     k, c = p.shape
-    chunk_size = check_chunk_size(chunk_size)
+    chunk_size = resolve_chunk_size(chunk_size, k)
     if chunk_size is None or chunk_size >= k:
         return 1.0 - best_dot(p) / norm
     n_chunks = -(-k // chunk_size)
@@ -398,7 +412,8 @@ def score_image(embedding: jax.typing.ArrayLike, prototypes: jax.typing.ArrayLik
 
 def score_features(feats: Sequence[jax.typing.ArrayLike], prototypes: jax.typing.ArrayLike, *,
                    out_size: tuple[int, int] = (224, 224), sigma: float = 4.0, truncate: float = 4.0,
-                   image_score: str = "smoothed_max", chunk_size: int | None = None) -> ScoreResult:
+                   image_score: str = "smoothed_max", chunk_size: int | str | None = AUTO
+                   ) -> ScoreResult:
     """``score_image(features.embed(feats), ...)`` with the factored head
     (``patch_scores_factored``): what the scoring path runs.
 

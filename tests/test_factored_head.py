@@ -59,8 +59,8 @@ def _heads(chunk_size):
 
 @pytest.mark.parametrize("k,normalize,chunk", [
     (1, True, None), (100, True, None), (100, False, None), (1000, True, None),
-    (1000, False, 384), (10000, True, 2048),
-], ids=["k1", "k100", "k100-raw", "k1000", "k1000-raw-chunked", "k10000-chunked"])
+    (1000, False, 384), (1000, True, "auto"), (10000, True, 2048),
+], ids=["k1", "k100", "k100-raw", "k1000", "k1000-raw-chunked", "k1000-auto", "k10000-chunked"])
 def test_factored_equals_concatenated_on_photographs(stages, k, normalize, chunk):
     protos = _prototypes(stages, k, k, normalize)
     concatenated, factored = _heads(chunk)
@@ -115,3 +115,14 @@ def test_factored_bad_inputs():
         scoring.patch_scores_factored([np.zeros((1, 4, 4, 2))], np.ones((2, 2), np.float32))
     with pytest.raises(ValueError, match="chunk_size"):
         scoring.patch_scores_factored(s, np.ones((2, 5), np.float32), chunk_size=0)
+
+
+def test_auto_chunk_size_rule():
+    """``"auto"`` (the scoring path's default) chunks only above ``AUTO_CHUNK`` prototypes."""
+    a = scoring.AUTO_CHUNK
+    assert scoring.resolve_chunk_size("auto", a) is None
+    assert scoring.resolve_chunk_size("auto", a + 1) == a
+    assert scoring.resolve_chunk_size(None, 10 * a) is None
+    assert scoring.resolve_chunk_size(7, 3) == 7
+    with pytest.raises(ValueError, match="'auto' or None"):
+        scoring.resolve_chunk_size("fast", 10)

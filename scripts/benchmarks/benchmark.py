@@ -3,7 +3,7 @@
 Commands (each prints markdown tables; one module per measurement in this folder, imported by
 name: Python puts a script's own folder first on sys.path):
   python scripts/benchmarks/benchmark.py all [--output=PATH]   # every table below but backbone; rewrites docs/benchmarks.md
-  python scripts/benchmarks/benchmark.py e2e --k=10000 --e2e_batch_sizes=8,32
+  python scripts/benchmarks/benchmark.py e2e --e2e_ks=100,1000,10000 --e2e_batch_sizes=8
   python scripts/benchmarks/benchmark.py head --head_ks=100,1000,10000 --head_chunked_ks=10000,100000
   python scripts/benchmarks/benchmark.py probe
   python scripts/benchmarks/benchmark.py data --data_images=32
@@ -12,12 +12,13 @@ name: Python puts a script's own folder first on sys.path):
   python scripts/benchmarks/benchmark.py backbone --batch_sizes=1,8
 
 Tables and their columns:
-  e2e       (e2e.py) full scoring path, make_scorer vs torch_reference.reference_scores:
-            K | measure (batch 1 latency p50/p90 ms, batch b img/s) | protoad_jax |
-            torch reference | jax speed-up | jax compile s; notes: recompiles after warm-up.
-  head      (head.py) embedding -> patch map, scoring.patch_scores vs torch, per K, full and
-            chunked: K | mode | jax and torch ms/img (b=1) and img/s (batch) | speed-ups |
-            jax GFLOP/s | XLA temp MB.
+  e2e       (e2e.py) full scoring path, make_scorer vs the concatenated head (before) and
+            torch_reference.reference_scores: K | measure (batch 1 latency p50/p90 ms, batch b
+            img/s) | protoad_jax | before | torch reference | vs before | jax speed-up | jax
+            compile s; notes: recompiles after warm-up.
+  head      (head.py) backbone stages -> patch map, the factored head vs the concatenated one
+            (before) and torch, per K, full and chunked: K | mode | jax, before and torch
+            ms/img (b=1) and img/s (batch) | speed-ups | jax GFLOP/s | XLA temp MB.
   probe     (torch_probe.py) torch trunk at batch 1 with 1 and --threads threads:
             torch threads | min | median | max (s per call), and whether load disturbed torch.
   data      (data.py) input_pipeline.batched on generated PNGs: PNG size | mean file KB |
@@ -33,7 +34,7 @@ Tables and their columns:
 
 A quick check that every measurement runs (tiny sizes, writes a throwaway file; about 2 min on
 2 cores):
-  python scripts/benchmarks/benchmark.py all --output=/tmp/benchmarks.md --k=1000 \
+  python scripts/benchmarks/benchmark.py all --output=/tmp/benchmarks.md --e2e_ks=1000 \
     --e2e_batch_sizes=2 --latency_repeats=1 --repeats=1 --head_ks=10 --head_chunked_ks=10 \
     --chunk_size=4 --head_batch=2 --data_sizes=64 --data_images=2 --data_batch=2 \
     --cluster_sizes=200,400 --cluster_float16_sizes=200 --cluster_k=10 --kmeans_iters=2 \

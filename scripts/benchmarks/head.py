@@ -1,20 +1,22 @@
-"""head: the head alone, embedding [56, 56, 1792] -> patch map (``scoring.patch_scores``,
-jitted with ``xla_cpu.compiler_options()`` as the pipeline's region, per image and vmapped per
-batch) against torch F.normalize + conv2d 1x1 + max, per K, plus the memory-bounded chunked mode
-(``chunk_size``) with XLA's temp memory."""
+"""head: the head alone, backbone stages -> patch map: the factored head
+(``scoring.patch_scores_factored``, what the scoring path runs) and, as "before", the head on the
+concatenated embedding (``features.embed`` + ``scoring.patch_scores``), both jitted with
+``xla_cpu.compiler_options()`` as the pipeline's region, per image and vmapped per batch, against
+torch F.normalize + conv2d 1x1 + max on the embedding, per K, plus the memory-bounded chunked
+mode (``chunk_size``) with XLA's temp memory."""
 
 from __future__ import annotations
 
-import functools
 
 import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from harness import FLAGS, C, Table
+from harness import FLAGS, Table
 
-from protoad_jax import scoring, xla_cpu
+from protoad_jax import features, scoring, xla_cpu
+from protoad_jax.config import EMBED_LAYERS
 
 flags.DEFINE_list("head_ks", ["100", "1000", "10000"], "head: prototype counts K.")
 flags.DEFINE_list("head_chunked_ks", ["10000"], "head: K timed in chunked mode (jax only).")
@@ -26,64 +28,81 @@ def run() -> list[Table]:
     torch = harness.torch_threads()
     b = FLAGS.head_batch
     rng = np.random.default_rng(0)
-    emb = np.abs(rng.standard_normal((b, 56, 56, C), dtype=np.float32))  # post-ReLU-like
-    emb_t = torch.from_numpy(emb.transpose(0, 3, 1, 2).copy())
-    emb_j = jnp.asarray(emb)
-    table = Table(f"head: embedding [56, 56, {C}] -> patch map, float32, threads={FLAGS.threads}",
-                  ["K", "mode", "jax ms/img (b=1)", f"jax img/s (b={b})", "torch ms/img (b=1)",
-                   f"torch img/s (b={b})", "speed-up b=1", f"speed-up b={b}",
-                   f"jax GFLOP/s (b={b})", f"XLA temp MB (b={b})"])
+    stages = [jnp.asarray(np.abs(rng.standard_normal((b, s, s, c), dtype=np.float32)))  # post-ReLU-like
+              for s, c in ((56, 256), (28, 512), (14, 1024))]
+    emb = jax.vmap(features.embed)(dict(zip(EMBED_LAYERS, stages)))
+    emb_t = torch.from_numpy(np.asarray(emb).transpose(0, 3, 1, 2).copy())
+    table = Table(f"head: backbone stages -> patch map, float32, threads={FLAGS.threads}",
+                  ["K", "mode", "jax ms/img (b=1)", f"jax img/s (b={b})",
+                   "before ms/img (b=1)", f"before img/s (b={b})", "torch ms/img (b=1)",
+                   f"torch img/s (b={b})", "vs before b=1", f"vs before b={b}",
+                   "vs torch b=1", f"vs torch b={b}", f"jax GFLOP/s (b={b})",
+                   f"XLA temp MB (b={b})"])
     torch_times: dict[int, tuple[float, float]] = {}
-    unreported = False  # a full head whose XLA temp memory reads 0
     cases = [(int(k), None) for k in FLAGS.head_ks] + [
         (int(k), FLAGS.chunk_size) for k in FLAGS.head_chunked_ks]
     for k, chunk in cases:
-        protos = harness.prototypes(k, seed=k)
-        one, batched, temp_mb = _head_jax(emb_j, jnp.asarray(protos), chunk)
-        if chunk is None:  # jax and torch alternate
+        protos = jnp.asarray(harness.prototypes(k, seed=k))
+        # default rows: the scoring path's defaults, factored "auto" against one matmul before
+        one, batched, temp_mb = _compiled(_factored(chunk or scoring.AUTO), stages, protos)
+        one_b, batched_b, _ = _compiled(_concatenated(chunk), stages, protos)
+        fns = [one, one_b], [batched, batched_b]
+        if chunk is None:  # jax, before and torch alternate
             t_one, t_batch = _head_torch(emb_t, protos)
-            tj1, tt1 = harness.medians(one, t_one)
-            tjb, ttb = harness.medians(batched, t_batch)
-            torch_times[k] = tt1, ttb
-            unreported |= temp_mb == 0
-        else:  # torch has no chunked mode: compared with its full head at the same K
-            (tj1,), (tjb,) = harness.medians(one), harness.medians(batched)
-        tt1, ttb = torch_times.get(k, (None, None))
-        flops = 2 * 56 * 56 * C * k * b
-        table.add(k, "full" if chunk is None else f"chunked {chunk}", tj1 * 1e3, b / tjb,
-                  tt1 and tt1 * 1e3, ttb and b / ttb, tt1 and f"{tt1 / tj1:.2f}x",
-                  ttb and f"{ttb / tjb:.2f}x", flops / tjb / 1e9, temp_mb)
-    if unreported:
-        table.notes.append(
-            "XLA temp MB 0 for a full head: XLA fused the matmul and the max over K into one "
-            "library (YNNPACK) fusion whose buffers are not reported (seen in the compiled HLO); "
-            "without it the [b, 56, 56, K] similarities are materialised.")
+            fns = [one, one_b, t_one], [batched, batched_b, t_batch]
+        tj1, tb1, *tt1 = harness.medians(*fns[0])
+        tjb, tbb, *ttb = harness.medians(*fns[1])
+        if chunk is None:
+            torch_times[k] = tt1[0], ttb[0]
+        tt1, ttb = torch_times.get(k, (None, None))  # chunked rows: torch's full head
+        flops = 2 * (56 * 56 * 256 + 28 * 28 * 512 + 14 * 14 * 1024) * k * b
+        auto = scoring.resolve_chunk_size(scoring.AUTO, k)
+        mode = f"default (auto: {'one matmul' if auto is None else f'chunks of {auto}'})"
+        table.add(k, mode if chunk is None else f"chunked {chunk}", tj1 * 1e3, b / tjb,
+                  tb1 * 1e3, b / tbb, tt1 and tt1 * 1e3, ttb and b / ttb, f"{tb1 / tj1:.2f}x",
+                  f"{tbb / tjb:.2f}x", tt1 and f"{tt1 / tj1:.2f}x", ttb and f"{ttb / tjb:.2f}x",
+                  flops / tjb / 1e9, temp_mb)
     table.notes += [
-        (f"protoad_jax: jax.jit(scoring.patch_scores) per image and jax.jit(jax.vmap("
-         f"patch_scores, in_axes=(0, None))) per batch, compiler_options="
+        ("default rows: each head as the scoring path runs it by default, the factored head with "
+         f"chunk_size='auto' (chunks of {scoring.AUTO_CHUNK} above that many prototypes), "
+         "before with one matmul (its default then); chunked rows: both with the same chunk."),
+        (f"jax: jax.jit(scoring.patch_scores_factored) on the stages [56, 56, 256], "
+         f"[28, 28, 512], [14, 14, 1024] per image and jax.jit(jax.vmap(...)) per batch; before: "
+         f"the same on the concatenated embedding (features.embed, then scoring.patch_scores, "
+         f"the head make_scorer ran before the factored head); compiler_options="
          f"{xla_cpu.compiler_options()} as in pipeline.py (AOT-compiled, blocked until ready); "
-         "torch: 1 - max_k conv2d(F.normalize(x), P[:, :, None, None]) under no_grad, NCHW."),
-        ("chunked: patch_scores(chunk_size=...) scans prototype chunks with a running max, so "
-         "the [56, 56, K] similarity block is never whole; speed-up for chunked rows is against "
-         "torch's full head at the same K. XLA temp MB = "
-         "compiled.memory_analysis().temp_size_in_bytes."),
-        (f"median of up to {FLAGS.repeats} calls after warm-up, jax and torch calls alternating "
-         f"(2 once a measurement passes {FLAGS.budget_s:.0f} s); GFLOP/s counts "
-         "2 * 3136 * 1792 * K per image (the matmul)."),
+         "torch: 1 - max_k conv2d(F.normalize(x), P[:, :, None, None]) on the [1792, 56, 56] "
+         "embedding under no_grad, NCHW (its concatenation is not timed)."),
+        ("chunked: chunk_size=... scans prototype chunks with a running max, so the similarity "
+         "block is never whole; torch columns of chunked rows are torch's full head at the same "
+         "K. XLA temp MB = compiled.memory_analysis().temp_size_in_bytes of the factored head."),
+        (f"median of up to {FLAGS.repeats} calls after warm-up, the heads' calls alternating "
+         f"(2 once a measurement passes {FLAGS.budget_s:.0f} s); GFLOP/s counts the factored "
+         "head's matmuls, 2 * (56^2 * 256 + 28^2 * 512 + 14^2 * 1024) * K per image "
+         "(a quarter of the concatenated head's 2 * 3136 * 1792 * K)."),
     ]
     return [table.print()]
 
 
-def _head_jax(emb, protos, chunk: int | None):
-    """Warmed-up calls ``(one image, the batch)`` of the jitted ``patch_scores`` and the XLA temp
-    MB of the batch."""
-    head = functools.partial(scoring.patch_scores, chunk_size=chunk)
+def _factored(chunk: int | None):
+    return lambda s1, s2, s3, p: scoring.patch_scores_factored([s1, s2, s3], p, chunk)
+
+
+def _concatenated(chunk: int | None):
+    return lambda s1, s2, s3, p: scoring.patch_scores(
+        features.embed(dict(zip(EMBED_LAYERS, (s1, s2, s3)))), p, chunk)
+
+
+def _compiled(head, stages, protos):
+    """Warmed-up calls ``(one image, the batch)`` of ``head`` jitted and the XLA temp MB of the
+    batch."""
     options = xla_cpu.compiler_options()
-    one = jax.jit(head, compiler_options=options).lower(emb[0], protos).compile()
-    batched = jax.jit(jax.vmap(head, in_axes=(0, None)), compiler_options=options).lower(
-        emb, protos).compile()
-    calls = (lambda: one(emb[0], protos).block_until_ready(),
-             lambda: batched(emb, protos).block_until_ready())
+    first = [s[0] for s in stages]
+    one = jax.jit(head, compiler_options=options).lower(*first, protos).compile()
+    batched = jax.jit(jax.vmap(head, in_axes=(0, 0, 0, None)), compiler_options=options).lower(
+        *stages, protos).compile()
+    calls = (lambda: one(*first, protos).block_until_ready(),
+             lambda: batched(*stages, protos).block_until_ready())
     for call in calls:
         call()
     return *calls, batched.memory_analysis().temp_size_in_bytes / 2**20
