@@ -99,6 +99,7 @@ def main() -> None:
     """The ``protoad`` console entry point: ``protoad <command> [--flags]``."""
     args = sys.argv[1:]
     if args and args[0] in ("-h", "--help", "help"):
+        print("usage: protoad <command> [--flags]   (protoad <command> --help lists its flags)\n")
         print(__doc__.split("\n\n")[1].strip())
         sys.exit(0)
     if not args or args[0] not in COMMANDS:
