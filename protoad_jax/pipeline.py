@@ -32,7 +32,7 @@ import numpy as np
 # backbone (Flax) is imported where the backbone is traced or loaded, so that `import protoad_jax`
 # and protoad_jax.load_exported never import Flax (tests/test_export.py checks it).
 from protoad_jax import features, input_pipeline, scoring, sharding, xla_cpu
-from protoad_jax.clustering import cluster, coreset
+from protoad_jax.clustering import PatchGrid, cluster, coreset
 from protoad_jax.config import EMBED_CHANNELS, EMBED_LAYERS, Config
 from protoad_jax.errors import NoWeightsError, SettingsError
 from protoad_jax.input_pipeline import ScoredImages
@@ -130,7 +130,9 @@ def extract_patches(images: Sequence[Any], variables: dict, config: Config, *, b
 
     ``config.patch_sampler``: ``"random"`` keeps a uniform seeded sample (drawn before the
     extraction, so only the kept patches are stored); ``"coreset"`` extracts every patch, then
-    keeps the greedy k-center coreset (``coreset.greedy_coreset``). Batches of ``batch_size``
+    keeps the greedy k-center coreset (``coreset.greedy_coreset``). Without a budget below the
+    total, every patch is kept in image-major, row-major order (``clustering.PatchGrid``; ``fit``
+    passes that structure on). Batches of ``batch_size``
     (rounded up to a multiple of the local device count) are split across the local devices.
     """
     per_image = (config.image_size // 4) ** 2
@@ -210,7 +212,10 @@ def fit(images: Iterable[Any], weights: str | os.PathLike | None = None, cluster
     t0 = time.perf_counter()
     patches = extract_patches(images, variables, config, batch_size=batch_size, progress=progress)
     t1 = time.perf_counter()
-    centres, info = cluster(patches, config, progress=progress)
+    side = config.image_size // 4  # the patch grid (layer1); layer2 and 3 at 1/2, 1/4 of it
+    grid = (PatchGrid(len(images), side, side)
+            if len(patches) == len(images) * side * side and config.image_size % 16 == 0 else None)
+    centres, info = cluster(patches, config, grid=grid, progress=progress)
     t2 = time.perf_counter()
     prototypes = np.asarray(scoring.prepare_prototypes(centres, config.normalize_prototypes))
     info.update(num_images=len(images), num_patches=len(patches), patch_dtype=patches.dtype.name,

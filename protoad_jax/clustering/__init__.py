@@ -16,18 +16,21 @@ import numpy as np
 
 from protoad_jax import sharding
 from protoad_jax.clustering import finch, kmeans
+from protoad_jax.clustering.neighbours import PatchGrid
 from protoad_jax.config import Config
 from protoad_jax.errors import SettingsError
 from protoad_jax.progress import Progress
 
-__all__ = ["cluster"]
+__all__ = ["PatchGrid", "cluster"]
 
 
-def cluster(patches: np.ndarray, config: Config, *, progress: bool = True) -> tuple[np.ndarray, dict]:
+def cluster(patches: np.ndarray, config: Config, *, grid: PatchGrid | None = None,
+            progress: bool = True) -> tuple[np.ndarray, dict]:
     """Prototypes ``[k, c]`` (cluster means of the patches) and clustering details.
 
     The nearest-neighbour searches are split across the local devices (same result on any
-    number of devices).
+    number of devices). ``grid``: the patches are every patch of whole images
+    (``PatchGrid``; FINCH's level-0 search then shares each cell's Gram blocks, same result).
     """
     info: dict[str, Any] = {"clustering": config.clustering}
     with Progress(f"clustering ({config.clustering})", None, "", progress):
@@ -42,7 +45,7 @@ def cluster(patches: np.ndarray, config: Config, *, progress: bool = True) -> tu
         else:
             k = None if config.num_prototypes is None else min(config.num_prototypes, len(patches))
             res = finch.finch(patches, num_clusters=k, ensure_early_exit=config.finch_early_exit,
-                              mesh=sharding.local_mesh())
+                              mesh=sharding.local_mesh(), grid=grid)
             info.update(finch_levels=[int(c) for c in res.num_clusters],
                         finch_early_exit=config.finch_early_exit, finch_min_sim=res.min_sim,
                         finch_required_level=res.required_level, finch_stats=res.stats)

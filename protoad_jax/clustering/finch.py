@@ -51,7 +51,13 @@ import scipy.sparse.csgraph
 from jax.sharding import Mesh
 
 from protoad_jax.clustering import memory, merging
-from protoad_jax.clustering.neighbours import Neighbours, cosine64, first_neighbours, unit64
+from protoad_jax.clustering.neighbours import (
+    Neighbours,
+    PatchGrid,
+    cosine64,
+    first_neighbours,
+    unit64,
+)
 
 _SUM_ROWS = 16384  # rows per block of the float64 cluster sums
 _BUDGET_HINT = "subsample the patches (Config.max_patches)"
@@ -178,7 +184,7 @@ def _sums(x: np.ndarray, labels: np.ndarray, c: int) -> np.ndarray:
 
 def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: bool = True,
           chunk_size: int = 1024, precision: str = "float32",
-          mesh: Mesh | None = None) -> FinchResult:
+          mesh: Mesh | None = None, grid: PatchGrid | None = None) -> FinchResult:
     """FINCH hierarchy of partitions, optionally merged down to a required number of clusters.
 
     Args:
@@ -190,6 +196,8 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
         not depend on it).
       mesh: devices to split the candidate passes over (data replicated on each), e.g.
         ``sharding.local_mesh()``; the result does not depend on the device count.
+      grid: ``x`` is every patch of whole images (``neighbours.PatchGrid``): level 0's candidate
+        pass shares each cell's Gram blocks (the result does not depend on it); None: unstructured.
 
     Returns:
       ``FinchResult``; ``required_*`` set when ``num_clusters`` is given.
@@ -224,9 +232,10 @@ def finch(x: np.ndarray, *, num_clusters: int | None = None, ensure_early_exit: 
 
     def counters(nb):
         return {"n": len(nb.index), "reranked": nb.reranked, "fallbacks": nb.fallbacks,
-                "exhaustive": nb.exhaustive, "duplicates": nb.duplicates}
+                "exhaustive": nb.exhaustive, "duplicates": nb.duplicates,
+                "factored": nb.factored}
 
-    nb = first_neighbours(xh, **kw)
+    nb = first_neighbours(xh, grid=grid, **kw)
     labels, c = _level(xh, nb.index, nb.similarity, None)
     min_sim = _early_exit_threshold(xh, nb) if ensure_early_exit and n > 2 else None
     copies = nb.copies  # exact duplicates, for the merging of the samples themselves

@@ -28,6 +28,26 @@ clipped to ``[-1, 1]`` (as ``1 - cos`` is clipped to ``[0, 2]`` by scikit-learn'
 distance, which the FINCH authors' code uses). Two candidates whose float64 similarities differ
 by a few units in the last place (~1e-16) may be ordered differently by another float64 code.
 
+Factored candidate pass (``grid``: the rows are all patches of whole images, the fit's default
+on accelerators). A patch embedding is ``x_i = [l1_i, l2_c(i), l3_c'(i)] / |raw_i|``: its layer2
+and layer3 parts are nearest-upsampled copies, the same in the 2 x 2 cell ``c`` (layer2) and the
+4 x 4 cell ``c'`` (layer3) up to a per-row scale (docs/METHOD.md section 1, "Factored head"). So
+``cos(x_i, x_j) = U_i . U_j + w2_i w2_j (R2_c . R2_c~) + w3_i w3_j (R3_c' . R3_c'~)`` with
+``U_i = x_i[:256] / |x_i|``, per-cell unit representatives ``R`` and per-row weights
+``w_i = |x_i[seg]| / |x_i|``, all derived from the stored rows in float64. With the rows in
+nested cell order (4 x 4 cells of 16 rows, 2 x 2 sub-cells of 4), a ``[chunk, chunk]`` block is a
+256-d Gram block plus a ``[chunk / 4]^2`` 512-d and a ``[chunk / 16]^2`` 1024-d one added by
+broadcasting: ~6x fewer multiply-adds than the 1792-d block. Candidate indices are mapped back
+to the original rows before the float64 re-rank, so every decision is the one above. The stored
+rows are copies only up to their own rounding: ``rho``, the largest relative residual
+``|x_i[seg] - t_i R_c| / |x_i[seg]|`` (``t_i`` the norm ratio, measured on the host in float64;
+~2^-23 for float32 rows, ~2^-11 for float16), perturbs the cosine by at most ``2 rho`` (the
+reconstruction keeps each segment's norm; Cauchy-Schwarz over the segments), and the float32
+evaluation (inputs rounded once, three dot products of at most 1024 terms, two scalings and two
+sums: ``(1 + u)^8 (1 + g_1024) - 1``) stays within the unfactored ``f`` below, so
+``B' = B + 4 rho``. Used for float32 (or float64) rows in float32 when ``rho <= 2^-20``;
+float16 rows, bfloat16, and grids whose residual is larger take the unfactored pass.
+
 Error bound. Let ``u = 2^-24`` (float32 unit roundoff), ``g = d u / (1 - d u)``. Normalising in
 float32 (input rounding, the sum of squares, square root, division) perturbs each element by a
 relative ``e_n <= g / 2 + 3 u``; bfloat16 rounding adds ``e_b = 2^-8``; a float32 product adds
@@ -73,6 +93,8 @@ class Neighbours(NamedTuple):
       precision: ``"float32"`` or ``"bfloat16"``, the candidate pass's arithmetic.
       bound: the error bound ``B`` used.
       copies: ``[n]`` int64, for each row its first copy (itself if none; ``duplicate_groups``).
+      factored: whether the candidate pass was the factored one (``grid``); ``bound`` is then
+        ``B'``.
     """
 
     index: np.ndarray
@@ -84,6 +106,24 @@ class Neighbours(NamedTuple):
     precision: str
     bound: float
     copies: np.ndarray
+    factored: bool = False
+
+
+class PatchGrid(NamedTuple):
+    """Rows that are every patch of whole images: ``images`` x ``height`` x ``width`` rows in
+    image-major, row-major order, each the L2-normalised concatenation of stages of widths
+    ``widths`` at resolutions ``1, 1/2, 1/4`` of the grid (nearest-upsampled x2, x4), as
+    ``pipeline.extract_patches`` returns them when no budget subsamples them.
+    ``height`` and ``width`` are multiples of 4."""
+
+    images: int
+    height: int
+    width: int
+    widths: tuple[int, int, int] = (256, 512, 1024)
+
+
+_FACTOR_RHO_MAX = 2.0 ** -20  # above: the widened window costs more than the factoring saves
+_FACTOR_ROWS = 16384  # host float64 work of the factoring in blocks of about this many rows
 
 
 def error_bound(d: int, precision: str) -> float:
@@ -130,23 +170,17 @@ def _empty(rows: int, c: int) -> tuple[jax.Array, jax.Array]:
     return jnp.full((rows, c), -jnp.inf, jnp.float32), jnp.full((rows, c), -1, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "c", "bf16", "mesh"))
-def _pair_pass(x: jax.Array, key_ok: jax.Array, pairs: jax.Array, *, chunk: int, c: int,
-               bf16: bool, mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
-    """Top-``c`` approximate cosine similarities of every row of ``x`` [n, d] among the rows with
-    ``key_ok`` [n] (itself excluded): ``([n, c] f32, [n, c] int32)`` descending, ``-inf`` where
-    fewer exist. ``pairs`` [p, 3] lists chunk pairs ``(I, J, active)`` with ``I <= J``: each
-    ``[chunk, chunk]`` block of similarities is computed once and serves chunk ``I`` as queries
-    (rows) and chunk ``J`` as queries (columns), half the work of a rectangular sweep. Chunks
-    as in ``chunking.scan_rows`` (the last one clamped; its overlap rows are invalid)."""
-    n = x.shape[0]
+def _sweep(load, sims, n: int, key_ok: jax.Array, pairs: jax.Array, chunk: int, c: int,
+           mesh: Mesh | None) -> tuple[jax.Array, jax.Array]:
+    """The symmetric chunk-pair sweep of ``_pair_pass`` over any row representation:
+    ``load(start)`` gives chunk ``[start, start + chunk)``'s operands, ``sims(a, b)`` their
+    ``[chunk, chunk]`` float32 similarities."""
     ar = jnp.arange(chunk)
 
     def block(i):
         start = jnp.minimum(i * chunk, n - chunk)
-        u = _unit(lax.dynamic_slice_in_dim(x, start, chunk).astype(jnp.float32), bf16)
         valid = start + ar >= i * chunk
-        return start, start + ar, u, valid, valid & lax.dynamic_slice_in_dim(key_ok, start, chunk)
+        return start, start + ar, load(start), valid, valid & lax.dynamic_slice_in_dim(key_ok, start, chunk)
 
     def update(state, start, sim, keys):
         rows = tuple(lax.dynamic_slice_in_dim(a, start, chunk) for a in state)
@@ -158,7 +192,7 @@ def _pair_pass(x: jax.Array, key_ok: jax.Array, pairs: jax.Array, *, chunk: int,
         i, j, active = pair[0], pair[1], pair[2] > 0
         si, ri, ui, qi_ok, ki_ok = block(i)
         sj, rj, uj, qj_ok, kj_ok = block(j)
-        sim = _sims(ui, uj, bf16)
+        sim = sims(ui, uj)
         not_self = ri[:, None] != rj[None, :]
         rows = active & qi_ok[:, None] & kj_ok[None, :] & not_self
         state = update(state, si, jnp.where(rows, sim, -jnp.inf), rj)
@@ -177,6 +211,50 @@ def _pair_pass(x: jax.Array, key_ok: jax.Array, pairs: jax.Array, *, chunk: int,
     d = v.shape[0]  # [devices, n, c] -> the best c of the devices' lists
     v, pos = lax.top_k(v.transpose(1, 0, 2).reshape(n, d * c), c)
     return v, jnp.take_along_axis(i.transpose(1, 0, 2).reshape(n, d * c), pos, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "c", "bf16", "mesh"))
+def _pair_pass(x: jax.Array, key_ok: jax.Array, pairs: jax.Array, *, chunk: int, c: int,
+               bf16: bool, mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+    """Top-``c`` approximate cosine similarities of every row of ``x`` [n, d] among the rows with
+    ``key_ok`` [n] (itself excluded): ``([n, c] f32, [n, c] int32)`` descending, ``-inf`` where
+    fewer exist. ``pairs`` [p, 3] lists chunk pairs ``(I, J, active)`` with ``I <= J``: each
+    ``[chunk, chunk]`` block of similarities is computed once and serves chunk ``I`` as queries
+    (rows) and chunk ``J`` as queries (columns), half the work of a rectangular sweep. Chunks
+    as in ``chunking.scan_rows`` (the last one clamped; its overlap rows are invalid)."""
+    def load(start):
+        return _unit(lax.dynamic_slice_in_dim(x, start, chunk).astype(jnp.float32), bf16)
+
+    return _sweep(load, functools.partial(_sims, bf16=bf16), x.shape[0], key_ok, pairs, chunk,
+                  c, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "c", "mesh"))
+def _pair_pass_factored(parts: tuple[jax.Array, ...], key_ok: jax.Array, pairs: jax.Array, *,
+                        chunk: int, c: int, mesh: Mesh | None = None
+                        ) -> tuple[jax.Array, jax.Array]:
+    """``_pair_pass`` (float32) on factored rows in nested cell order (``_factor``):
+    ``parts = (u [n, d1], w [n, 2], r2 [n / 4, d2], r3 [n / 16, d3])``; ``chunk`` a multiple
+    of 16. A block is ``u_I u_J^T`` plus the cells' Gram blocks broadcast over their rows."""
+    u, w, r2, r3 = parts
+    g = chunk // 16
+
+    def load(start):
+        return (lax.dynamic_slice_in_dim(u, start, chunk), lax.dynamic_slice_in_dim(w, start, chunk),
+                lax.dynamic_slice_in_dim(r2, start // 4, chunk // 4),
+                lax.dynamic_slice_in_dim(r3, start // 16, g))
+
+    def sims(a, b):
+        dot = functools.partial(jnp.einsum, "qd,kd->qk", precision=lax.Precision.HIGHEST,
+                                preferred_element_type=jnp.float32)
+        s1 = dot(a[0], b[0]).reshape(g, 4, 4, g, 4, 4)  # [cell, sub-cell, row] on both sides
+        s2 = dot(a[2], b[2]).reshape(g, 4, 1, g, 4, 1)
+        s3 = dot(a[3], b[3]).reshape(g, 1, 1, g, 1, 1)
+        w2 = (a[1][:, None, 0] * b[1][None, :, 0]).reshape(g, 4, 4, g, 4, 4)
+        w3 = (a[1][:, None, 1] * b[1][None, :, 1]).reshape(g, 4, 4, g, 4, 4)
+        return (s1 + w2 * s2 + w3 * s3).reshape(chunk, chunk)
+
+    return _sweep(load, sims, u.shape[0], key_ok, pairs, chunk, c, mesh)
 
 
 def _chunk_pairs(n: int, chunk: int, devices: int) -> np.ndarray:
@@ -258,6 +336,50 @@ def duplicate_groups(x: np.ndarray) -> np.ndarray:
             first[list(same)] = head
             todo = [m for m in rest if m not in same]
     return first
+
+
+def nested_order(grid: PatchGrid) -> np.ndarray:
+    """``[n]`` int64 permutation: the rows of ``grid`` in nested cell order (per image, 4 x 4
+    cells row-major, in each its 2 x 2 sub-cells row-major, in each its 4 rows row-major), so
+    that rows ``16 k .. 16 k + 15`` share a layer3 cell and rows ``4 k .. 4 k + 3`` a layer2
+    cell."""
+    h, w = grid.height, grid.width
+    one = np.arange(h * w).reshape(h // 4, 2, 2, w // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return (np.arange(grid.images)[:, None] * (h * w) + one.reshape(1, -1)).reshape(-1)
+
+
+def _factor(xh: np.ndarray, order: np.ndarray, widths: tuple[int, int, int]
+            ) -> tuple[tuple[np.ndarray, ...], float]:
+    """The factored rows of ``xh[order]`` (nested cell order) and their residual ``rho``.
+
+    Returns ``((u [n, d1], w [n, 2], r2 [n / 4, d2], r3 [n / 16, d3]) float32, rho)``: the first
+    segment over the row norm, per segment ``s = 2, 3`` the weight ``|x_i[s]| / |x_i|`` and the
+    unit representative of each cell (its first row's segment), all computed in float64; ``rho``
+    the largest ``|x_i[s] - t_i rep_c| / |x_i[s]|`` with ``t_i = |x_i[s]| / |rep_c|``.
+    """
+    n = len(order)
+    d1, d2, d3 = widths
+    u = np.empty((n, d1), np.float32)
+    w = np.empty((n, 2), np.float32)
+    reps = [np.empty((n // 4, d2), np.float32), np.empty((n // 16, d3), np.float32)]
+    rho = 0.0
+    step = max(16, _FACTOR_ROWS // 16 * 16)
+    for s in range(0, n, step):
+        x = np.asarray(xh[order[s:s + step]], np.float64)
+        norm = np.sqrt(np.einsum("nd,nd->n", x, x))
+        u[s:s + len(x)] = x[:, :d1] / norm[:, None]
+        for k, (lo, hi, size) in enumerate(((d1, d1 + d2, 4), (d1 + d2, d1 + d2 + d3, 16))):
+            seg = x[:, lo:hi].reshape(-1, size, hi - lo)  # [cells, rows of a cell, width]
+            rep = seg[:, 0]
+            rep_norm = np.sqrt(np.einsum("cd,cd->c", rep, rep))
+            seg_norm = np.sqrt(np.einsum("crd,crd->cr", seg, seg))
+            unit = rep / np.where(rep_norm > 0, rep_norm, 1.0)[:, None]
+            resid = seg - seg_norm[:, :, None] * unit[:, None, :]
+            err = np.sqrt(np.einsum("crd,crd->cr", resid, resid))
+            rho = max(rho, float(np.max(np.where(seg_norm > 0, err / np.where(seg_norm > 0, seg_norm, 1.0), 0.0))))
+            reps[k][s // size:(s + len(x)) // size] = unit
+            w[s:s + len(x), k] = seg_norm.reshape(-1) / norm
+    return (u, w, reps[0], reps[1]), rho
 
 
 def _exhaustive64(xh: np.ndarray, queries: np.ndarray, key_ok: np.ndarray
@@ -349,7 +471,7 @@ def candidate_lists(x: np.ndarray, candidates: int, *, chunk_size: int = 1024,
 
 def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candidates: int = 16,
                      fallback_candidates: int = 256, precision: str = "float32",
-                     mesh: Mesh | None = None) -> Neighbours:
+                     mesh: Mesh | None = None, grid: PatchGrid | None = None) -> Neighbours:
     """Every row's first neighbour under cosine similarity, as float64 decides it.
 
     Args:
@@ -365,12 +487,16 @@ def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candi
         clustered patches most queries fall back (see docs/speed.md, "Fit stage"); float32 is the default.
       mesh: devices to split the query chunks over (``x`` replicated on each); the result does
         not depend on the device count.
+      grid: the rows are every patch of whole images (``PatchGrid``): the candidate pass is the
+        factored one where it applies (float32, non-float16 rows, residual ``<= 2^-20``; module
+        docstring); the result does not depend on it. None: the rows are unstructured.
 
     Returns:
       ``Neighbours``.
 
     Raises:
-      ValueError: ``x`` not 2-D, fewer than 2 rows, not finite, a zero row, bad sizes.
+      ValueError: ``x`` not 2-D, fewer than 2 rows, not finite, a zero row, bad sizes; a
+        ``grid`` that does not describe ``x``'s shape.
     """
     xh = np.asarray(x)
     if xh.ndim != 2 or xh.shape[0] < 2 or xh.shape[1] < 1:
@@ -394,10 +520,22 @@ def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candi
     chunk = min(int(chunk_size), n)
     c = min(int(candidates), n - 1)
 
+    factored = None
+    if grid is not None:
+        h, w = int(grid.height), int(grid.width)
+        if (len(grid.widths) != 3 or sum(grid.widths) != d or int(grid.images) * h * w != n
+                or h < 4 or w < 4 or h % 4 or w % 4):
+            raise ValueError(f"first_neighbours: grid {grid} does not describe x of shape "
+                             f"{xh.shape} (images * height * width rows, height and width "
+                             "multiples of 4, sum(widths) columns)")
+        if prec == "float32" and xh.dtype != np.float16:
+            order = nested_order(grid)
+            parts, rho = _factor(xh, order, tuple(int(v) for v in grid.widths))
+            if rho <= _FACTOR_RHO_MAX:
+                factored = order, parts, rho
+
     first = duplicate_groups(xh)
     key_ok = first == np.arange(n)
-    device_x = replicate(jnp.asarray(xh if xh.dtype in (np.float16, np.float32)
-                                     else xh.astype(np.float32)), mesh)
     device_ok = replicate(jnp.asarray(key_ok), mesh)
     bf16 = prec == "bfloat16"
     bound = error_bound(d, prec)
@@ -412,14 +550,36 @@ def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candi
         heads, pos = np.unique(first[order], return_index=True)
         index[heads] = order[pos]  # a first copy's neighbour: the second copy
 
+    def on_device() -> jax.Array:
+        return replicate(jnp.asarray(xh if xh.dtype in (np.float16, np.float32)
+                                     else xh.astype(np.float32)), mesh)
+
     devices = mesh.size if is_sharded(mesh) else 1
-    pairs = replicate(jnp.asarray(_chunk_pairs(n, chunk, devices)), mesh)
-    v, idx = _pair_pass(device_x, device_ok, pairs, chunk=chunk, c=c, bf16=bf16, mesh=mesh)
+    if factored is None:
+        device_x = on_device()
+        pairs = replicate(jnp.asarray(_chunk_pairs(n, chunk, devices)), mesh)
+        v, idx = _pair_pass(device_x, device_ok, pairs, chunk=chunk, c=c, bf16=bf16, mesh=mesh)
+        v, idx = np.asarray(v), np.asarray(idx)
+        first_bound = bound
+    else:
+        device_x = None
+        order, parts, rho = factored
+        fchunk = max(16, chunk // 16 * 16)  # whole layer3 cells (n is a multiple of 16)
+        vo, io = _pair_pass_factored(
+            replicate(tuple(jnp.asarray(a) for a in parts), mesh),
+            replicate(jnp.asarray(key_ok[order]), mesh),
+            replicate(jnp.asarray(_chunk_pairs(n, fchunk, devices)), mesh),
+            chunk=fchunk, c=c, mesh=mesh)
+        vo, io = np.asarray(vo), np.asarray(io)
+        v, idx = np.empty_like(vo), np.empty_like(io)  # back to the original rows and indices
+        v[order] = vo
+        idx[order] = np.where(io >= 0, order[np.maximum(io, 0)], -1)
+        first_bound = bound + 4.0 * rho
     todo = np.flatnonzero(index < 0)
-    todo, reranked = _settle(xh, todo, np.asarray(v)[todo], np.asarray(idx)[todo], bound,
-                             n - 1 - c, index)
+    todo, reranked = _settle(xh, todo, v[todo], idx[todo], first_bound, n - 1 - c, index)
     fallbacks = len(todo)
     if len(todo):  # more near ties than c: a longer list for those queries only
+        device_x = on_device() if device_x is None else device_x
         c2 = min(int(fallback_candidates), n - 1)
         v2, idx2 = _query_pass(replicate(jnp.asarray(device_x[todo]), mesh),
                                replicate(jnp.asarray(todo.astype(np.int32)), mesh), device_x,
@@ -436,4 +596,5 @@ def first_neighbours(x: np.ndarray | jax.Array, *, chunk_size: int = 1024, candi
     similarity[dup_rows] = 1.0
     return Neighbours(index.astype(np.int32), similarity, reranked=int(reranked),
                       fallbacks=int(fallbacks), exhaustive=int(exhaustive),
-                      duplicates=len(dup_rows), precision=prec, bound=bound, copies=first)
+                      duplicates=len(dup_rows), precision=prec, bound=first_bound, copies=first,
+                      factored=factored is not None)

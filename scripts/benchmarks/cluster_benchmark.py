@@ -16,10 +16,15 @@ random-init wide_resnet50_2, float16 as the pipeline stores them; cached under -
            m^2 d, each merge screens O(m) rows; memory ~m), labelled as projections.
   coreset  pipeline's coreset sampler over --coreset_n patches (float16) down to --coreset_budget:
            seconds, peak RSS.
+  factored every patch of --factored_images whole photo crops (float32, as the pipeline keeps
+           them): the level-0 first-neighbour search unfactored and factored (neighbours.PatchGrid:
+           layer2 / layer3 Gram blocks per cell), then finch.finch(K) both ways, in one process:
+           seconds, same decisions (yes/no), re-ranked / fallbacks.
 
 Commands (docs/speed.md "Fit stage"; needs scikit-learn, in the [test] extra):
   python scripts/benchmarks/cluster_benchmark.py --cases=peaks,finch,merge,coreset --output=fit.md
   python scripts/benchmarks/cluster_benchmark.py --cases=finch --baseline=d61e0d5   # before / after
+  python scripts/benchmarks/cluster_benchmark.py --cases=factored --factored_images=12
 Prints, per case: the matmul peaks line; the FINCH table (implementation | total s | level-0
 search s | effective GFLOP/s | of float32 peak | levels | peak RSS MB) with one line per level;
 the merging table (start clusters | seconds | refreshes | exact cosines | peak RSS MB | run or
@@ -51,6 +56,7 @@ flags.DEFINE_integer("merge_run_max", 100000, "merge: larger sizes are projected
 flags.DEFINE_integer("coreset_n", 1226176, "coreset: patches (391 images x 3136).")
 flags.DEFINE_integer("coreset_budget", 2000, "coreset: budget of the memory run (time per pick is "
                      "printed; memory does not depend on the budget).")
+flags.DEFINE_integer("factored_images", 12, "factored: whole images (3136 patches each).")
 flags.DEFINE_string("workdir", "/tmp/protoad_cluster_bench", "Cache of patch embeddings.")
 flags.DEFINE_string("output", None, "Markdown file to write the tables to (atomically).")
 
@@ -73,6 +79,23 @@ def _patches(n: int) -> Path:
     crops = demo.photo_crops(load_sample_images().images, -(-n // 3136), seed=11)
     x = pipeline.extract_patches(crops, net.variables, Config(max_patches=None), progress=False)
     return fileio.atomic_write(path, lambda f: np.save(f, x[:n].astype(np.float16)))
+
+
+def _image_patches(images: int) -> Path:
+    """Every ``[images * 3136, 1792]`` patch embedding of whole photo crops, float32, cached."""
+    path = Path(FLAGS.workdir) / f"images_{images}_f32.npy"
+    if path.exists():
+        return path
+    import numpy as np
+    from sklearn.datasets import load_sample_images
+
+    from protoad_jax import Config, fileio, pipeline, weights
+    from protoad_jax.datasets import demo
+
+    net = weights.random_backbone("wide_resnet50_2", "benchmark")
+    crops = demo.photo_crops(load_sample_images().images, images, seed=11)
+    x = pipeline.extract_patches(crops, net.variables, Config(max_patches=None), progress=False)
+    return fileio.atomic_write(path, lambda f: np.save(f, x.astype(np.float32)))
 
 
 def _clustering(name: str):
@@ -130,6 +153,30 @@ def case(spec: dict) -> dict:
         else:
             _clustering("neighbours").first_neighbours(x)
         return {"seconds": time.perf_counter() - t}
+    if kind == "factored":  # unfactored vs factored level-0 search and FINCH, one process
+        from protoad_jax.clustering import finch, neighbours
+
+        x = np.asarray(x)
+        grid = neighbours.PatchGrid(spec["images"], 56, 56)
+        out = {}
+        for name, g in (("unfactored", None), ("factored", grid)):
+            neighbours.first_neighbours(x[:4 * 3136], grid=None if g is None else  # compile
+                                        neighbours.PatchGrid(4, 56, 56))
+            t = time.perf_counter()
+            nb = neighbours.first_neighbours(x, grid=g)
+            out[name] = {"level0": time.perf_counter() - t, "index": nb.index,
+                         "sim": nb.similarity, "reranked": nb.reranked,
+                         "fallbacks": nb.fallbacks, "factored": nb.factored}
+            t = time.perf_counter()
+            res = finch.finch(x, num_clusters=spec["k"], grid=g)
+            out[name].update(finch=time.perf_counter() - t, labels=res.required_labels,
+                             levels=res.num_clusters)
+        a, b = out["unfactored"], out["factored"]
+        same = bool(np.array_equal(a.pop("index"), b.pop("index"))
+                    and np.array_equal(a.pop("sim"), b.pop("sim"))
+                    and np.array_equal(a.pop("labels"), b.pop("labels"))
+                    and a["levels"] == b["levels"])
+        return {"same": same, "unfactored": a, "factored": b}
     if kind == "merge":
         merging = _clustering("merging")
         m = spec["m"]
@@ -240,6 +287,22 @@ def main(argv):
         emit(f"\nCoreset over {n} x 1792 float16 patches, budget {b}: " + (
             f"{r['seconds']:.1f} s ({r['seconds'] / b * 1000:.1f} ms per pick), peak RSS "
             f"{r['peak_mb']:.0f} MB" if "error" not in r else f"error {r['error'][-300:]!r}"))
+    if "factored" in FLAGS.cases:
+        m, k = FLAGS.factored_images, FLAGS.k
+        r = _run({"kind": "factored", "data": str(_image_patches(m)), "images": m, "k": k})
+        emit(f"\nLevel-0 first neighbours and FINCH (K={k}) on every patch of {m} whole images "
+             f"({m * 3136} x 1792 float32), unfactored vs factored (PatchGrid), one process:\n")
+        if "error" in r:
+            emit(f"error {r['error'][-300:]!r}")
+        else:
+            emit("| candidate pass | level-0 search s | FINCH s | re-ranked | fallbacks |")
+            emit("|---|---|---|---|---|")
+            for name in ("unfactored", "factored"):
+                s = r[name]
+                emit(f"| {name} | {s['level0']:.1f} | {s['finch']:.1f} | {s['reranked']} | "
+                     f"{s['fallbacks']} |")
+            emit(f"\nSame first neighbours, levels and K labels: {'yes' if r['same'] else 'NO'}; "
+                 f"level-0 speed-up {r['unfactored']['level0'] / r['factored']['level0']:.2f}x")
     if FLAGS.output:
         from protoad_jax import fileio
         fileio.atomic_write(Path(FLAGS.output), lambda f: f.write("\n".join(lines) + "\n"), mode="w")
