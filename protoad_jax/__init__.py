@@ -3,7 +3,13 @@
 __version__ = "0.1.0"  # the one source of the version (pyproject.toml reads it)
 
 from protoad_jax.config import Config
-from protoad_jax.errors import BadImageError, DatasetError, InputError, NoWeightsError, SettingsError
+from protoad_jax.errors import (
+    BadImageError,
+    DatasetError,
+    InputError,
+    NoWeightsError,
+    SettingsError,
+)
 from protoad_jax.export import ExportError, export_scorer, load_exported
 from protoad_jax.model import Model, ModelFileError, load_model
 from protoad_jax.pipeline import ScoredImages, fit, make_scorer, score_images

@@ -15,8 +15,8 @@ from sklearn.datasets import load_sample_images
 from torchvision import transforms as T
 
 from protoad_jax import datasets, errors, input_pipeline, preprocess
-from protoad_jax.datasets import demo
 from protoad_jax.config import IMAGENET_MEAN, IMAGENET_STD
+from protoad_jax.datasets import demo
 
 TOL = 1e-6
 

@@ -13,9 +13,8 @@ import pytest
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 import torch_reference
+from PIL import Image
 
 from protoad_jax import features, scoring
 

@@ -43,8 +43,7 @@ import numpy as np
 import pytest
 import torch
 
-from protoad_jax.weights import torch_reader
-from protoad_jax.weights import CheckpointError, load_state_dict
+from protoad_jax.weights import CheckpointError, load_state_dict, torch_reader
 
 SEED = 20240610
 MUTANTS_PER_FILE = 800  # x 4 seed files (2 state dicts x 2 formats)

@@ -17,7 +17,6 @@ import json
 
 from absl import flags
 
-
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model .npz written by fit()/evaluate.py.", required=True)
 flags.DEFINE_string("output", None, "Directory to write (new, empty, or an earlier export).", required=True)

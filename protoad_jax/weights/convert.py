@@ -13,8 +13,8 @@ import ml_dtypes
 import numpy as np
 
 from protoad_jax import __version__, backbone, fileio
-from protoad_jax.fileio import sha256_file
 from protoad_jax.config import EMBED_LAYERS
+from protoad_jax.fileio import sha256_file
 from protoad_jax.weights import torch_reader
 from protoad_jax.weights.download import REGISTRY, default_weights_path, fetch, is_url
 from protoad_jax.weights.npz import WeightsFileError, contract_problems, expected_shapes

@@ -7,7 +7,6 @@ mode (``chunk_size``) with XLA's temp memory."""
 
 from __future__ import annotations
 
-
 import harness
 import jax
 import jax.numpy as jnp
