@@ -145,7 +145,11 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         x = nn.relu(_conv_bn(x, 64, 7, 2, self.dtype, "conv1", "bn1", self.folded))
         feats = {"stem": x}
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+        # torch's MaxPool2d(3, 2, padding=1): an explicit -inf pad, then a VALID pool. The same
+        # numbers as nn.max_pool(padding=((1, 1), (1, 1))), but ONNX converters (jax2onnx 0.17)
+        # drop reduce_window's padding, shrinking the grid to 55 x 55 (docs/export.md).
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+        x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
         in_features = 64
         depth = STAGES.index(self.last_stage)
         for s, (planes, blocks) in enumerate(zip((64, 128, 256, 512), spec.layers), start=1):

@@ -15,6 +15,11 @@ The directory appears complete or not at all (written under a temporary name, th
 ``load_exported(D)`` checks every file against the manifest and the manifest against the
 artifact, and returns ``(scorer, manifest)``; it imports neither Flax nor the fitting code.
 
+``export_scorer(..., format="onnx")`` writes the same kind of directory with ``scorer.onnx``
+(weights inside) in place of the two files above, converted by jax2onnx from the same jitted
+function; its manifest says ``"artifact_format": "onnx"`` and ``load_exported`` runs it with ONNX
+Runtime or OpenVINO (``protoad_jax.onnx_export``; the ``[deploy]`` extra).
+
 The weights travel as an argument rather than as constants inside the artifact: both give the
 same numbers, but with the weights as constants XLA compiled markedly slower and with a larger
 peak memory when this was measured (docs/export.md).
@@ -49,6 +54,9 @@ WEIGHTS = "weights.npz"
 MANIFEST = "manifest.json"
 FORMAT = "protoad_jax exported scorer"
 FORMAT_VERSION = 1
+# The manifest's "artifact_format": absent in directories written before ONNX existed.
+FORMATS = ("jax", "onnx")
+ARTIFACT_FORMATS = {"jax": "jax_export", "onnx": "onnx"}
 PLATFORMS = ("cpu", "cuda", "tpu")
 PROTOTYPES = "prototypes"  # key of the prototypes in weights.npz
 BATCH_DIM = "b"  # name of the symbolic batch dimension
@@ -116,7 +124,7 @@ def _versions() -> dict[str, str]:
 
 def export_scorer(model: Model, variables: dict | None, output_dir: str | os.PathLike, *,
                   platforms: Sequence[str] | None = None, batch_size: int | None = None,
-                  chunk_size: int | str | None = "auto") -> Path:
+                  chunk_size: int | str | None = "auto", format: str = "jax") -> Path:
     """Writes ``model``'s whole scoring path as a portable directory (see the module docstring).
 
     ``load_exported(output_dir)`` then gives the same maps and scores as
@@ -133,20 +141,30 @@ def export_scorer(model: Model, variables: dict | None, output_dir: str | os.Pat
       batch_size: None: a symbolic batch dimension (any batch, one compile per batch size);
         an int fixes the batch.
       chunk_size: as ``make_scorer`` (default ``"auto"``).
+      format: ``"jax"`` (``scorer.jaxexport`` + ``weights.npz``) or ``"onnx"`` (``scorer.onnx``
+        with the weights inside, converted by jax2onnx from the same function; ``platforms``
+        does not apply; needs the ``[deploy]`` extra).
 
     Returns:
       ``output_dir``.
 
     Raises:
-      ValueError: bad prototypes, platforms, batch size or chunk size; no weights.
-      ExportError: ``output_dir`` exists and is not an export directory.
+      ValueError: bad prototypes, platforms, batch size, chunk size or format; no weights.
+      ExportError: ``output_dir`` exists and is not an export directory; ``format="onnx"``
+        without the ``[deploy]`` extra installed.
     """
     from protoad_jax import pipeline  # the fitting side: only exporting needs it
 
+    if format not in FORMATS:
+        raise SettingsError(f"format must be one of {FORMATS}, got {format!r}")
+    if format == "onnx":
+        if platforms is not None:
+            raise SettingsError("platforms apply to format='jax' only; an ONNX file runs wherever "
+                                "its runtime does")
+        return _export_onnx(model, variables, output_dir, batch_size=batch_size,
+                            chunk_size=chunk_size)
     platforms = _check_platforms(platforms)
-    if batch_size is not None and (isinstance(batch_size, bool) or
-                                   not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-        raise SettingsError(f"batch_size must be a positive integer or None (symbolic), got {batch_size!r}")
+    _check_batch_size(batch_size)
     out = Path(output_dir)
     _check_target(out)
     # Untuned: it is traced inside the jit below (compiler options belong to a top-level jit,
@@ -184,6 +202,73 @@ def export_scorer(model: Model, variables: dict | None, output_dir: str | os.Pat
     return out
 
 
+def _check_batch_size(batch_size: Any) -> None:
+    if batch_size is not None and (isinstance(batch_size, bool) or
+                                   not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise SettingsError(f"batch_size must be a positive integer or None (symbolic), got {batch_size!r}")
+
+
+def _export_onnx(model: Model, variables: dict | None, output_dir: str | os.PathLike, *,
+                 batch_size: int | None, chunk_size: int | str | None) -> Path:
+    """``export_scorer(..., format="onnx")``: the jitted scoring function with its weights closed
+    over (ONNX initializers), converted by jax2onnx."""
+    from protoad_jax import onnx_export, pipeline
+
+    _check_batch_size(batch_size)
+    onnx_export.import_deploy("jax2onnx", ExportError, "export_scorer(format='onnx')")
+    out = Path(output_dir)
+    _check_target(out)
+    fn, variables, prototypes = pipeline.scoring_parts(model, variables, chunk_size=chunk_size,
+                                                       tuned=False, caller="export_scorer")
+
+    def scoring(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        res = fn(variables, prototypes, images)
+        return res.anomaly_map, res.score
+
+    size = model.config.image_size
+    batch = BATCH_DIM if batch_size is None else int(batch_size)
+    shape = (batch, size, size, 3)
+
+    def write(tmp: Path) -> None:
+        conversion = onnx_export.convert(scoring, shape, tmp / onnx_export.ARTIFACT, ExportError)
+        artifact = tmp / onnx_export.ARTIFACT
+        config = model.config
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "artifact_format": ARTIFACT_FORMATS["onnx"],
+            "files": {"artifact": {"name": onnx_export.ARTIFACT, "bytes": artifact.stat().st_size,
+                                   "sha256": fileio.sha256_file(artifact)}},
+            "call": "an ONNX session of scorer.onnx: input 'images' = `input`; outputs 'maps', "
+                    "'scores' as `outputs`. protoad_jax.load_exported(dir, runtime='onnxruntime' | "
+                    "'openvino') does this after its checks.",
+            "input": {"shape": list(shape), "dtype": "float32",
+                      "layout": "NHWC, RGB, preprocessed as `preprocessing` says"},
+            "outputs": {
+                "maps": {"shape": [batch, size, size], "dtype": "float32",
+                         "meaning": "anomaly map per pixel of the crop (higher = more anomalous)"},
+                "scores": {"shape": [batch], "dtype": "float32",
+                           "meaning": f"image anomaly score ({config.image_score})"},
+            },
+            "preprocessing": preprocessing(config.resize, size),
+            "threshold": {"value": model.threshold, "rule": model.info.get("threshold_rule"),
+                          "decision": "anomalous when score > value; null: no threshold was set"},
+            "config": dataclasses.asdict(config),
+            "model": {"num_prototypes": model.num_prototypes, "backbone_weights": model.weights,
+                      "batchnorm": "unfolded" if "batch_stats" in variables
+                      else "folded into the convolutions",
+                      "chunk_size": chunk_size, "info": model.info},
+            "onnx": {**conversion, "batch": batch,
+                     "runtimes": list(onnx_export.RUNTIMES),
+                     "default_matmul_precision": jax.config.jax_default_matmul_precision},
+            "versions": {**_versions(), **onnx_export.converter_versions()},
+        }
+        fileio.write_json(tmp / MANIFEST, manifest)
+
+    fileio.atomic_write_dir(out, write, check=_check_target)
+    return out
+
+
 def _manifest(model: Model, exported: jax_export.Exported, folder: Path, *,
               chunk_size: int | str | None,
               folded: bool) -> dict[str, Any]:
@@ -193,6 +278,7 @@ def _manifest(model: Model, exported: jax_export.Exported, folder: Path, *,
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "artifact_format": ARTIFACT_FORMATS["jax"],
         "files": {
             "artifact": {"name": ARTIFACT, "bytes": (folder / ARTIFACT).stat().st_size,
                          "sha256": fileio.sha256_file(folder / ARTIFACT)},
@@ -271,15 +357,23 @@ def _read_manifest(folder: Path, fix: str) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{path} has format version {manifest.get('format_version')!r}; this "
                           f"protoad_jax reads version {FORMAT_VERSION}; {fix}")
+    kind = manifest.get("artifact_format", ARTIFACT_FORMATS["jax"])
+    if kind not in ARTIFACT_FORMATS.values():
+        raise ExportError(f"{path} has artifact_format {kind!r}; this protoad_jax reads "
+                          f"{sorted(ARTIFACT_FORMATS.values())}; {fix}")
     try:
-        for key in ("artifact", "weights"):
+        for key in ("artifact", "weights") if kind == "jax_export" else ("artifact",):
             entry = manifest["files"][key]
             if not (isinstance(entry["name"], str) and isinstance(entry["bytes"], int)
                     and isinstance(entry["sha256"], str)):
                 raise TypeError(f"files.{key}")
-        jx = manifest["jax_export"]
-        if not (isinstance(jx["platforms"], list) and isinstance(jx["calling_convention_version"], int)):
-            raise TypeError("jax_export")
+        if kind == "jax_export":
+            jx = manifest["jax_export"]
+            if not (isinstance(jx["platforms"], list)
+                    and isinstance(jx["calling_convention_version"], int)):
+                raise TypeError("jax_export")
+        elif not isinstance(manifest["onnx"], dict):
+            raise TypeError("onnx")
         for key in ("jax",):
             if not isinstance(manifest["versions"][key], str):
                 raise TypeError(f"versions.{key}")
@@ -311,11 +405,12 @@ def manifest_config(manifest: dict[str, Any]) -> Config:
                           "edited or written by another tool; re-export the scorer") from e
 
 
-def _check_file(folder: Path, entry: dict[str, Any], fix: str) -> Path:
+def _check_file(folder: Path, entry: dict[str, Any], fix: str,
+                names: tuple[str, ...] = (ARTIFACT, WEIGHTS)) -> Path:
     path = folder / entry["name"]
-    if entry["name"] not in (ARTIFACT, WEIGHTS):
+    if entry["name"] not in names:
         raise ExportError(f"{folder / MANIFEST} names the file {entry['name']!r}; expected "
-                          f"{ARTIFACT} and {WEIGHTS}; {fix}")
+                          f"{' and '.join(names)}; {fix}")
     if not path.is_file():
         raise ExportError(f"{path} is missing: the export directory is incomplete; {fix}")
     size = path.stat().st_size
@@ -377,9 +472,18 @@ def _load_weights(path: Path, avals: dict[str, Any], fix: str) -> dict[str, np.n
     return arrays
 
 
-def load_exported(directory: str | os.PathLike) -> tuple[Callable[[Any], tuple[jax.Array, jax.Array]],
-                                                          dict[str, Any]]:
+def load_exported(directory: str | os.PathLike, *, runtime: str | None = None,
+                  precision: str | None = None
+                  ) -> tuple[Callable[[Any], tuple[jax.Array, jax.Array]], dict[str, Any]]:
     """Loads a directory written by ``export_scorer``, checking it first.
+
+    An ONNX directory (``export_scorer(..., format="onnx")``) runs with ``runtime``
+    ``"onnxruntime"`` (default) or ``"openvino"``, the latter at ``precision`` ``"f32"``
+    (default: the live scorer's numbers), ``"bf16"`` or ``"f16"`` (OpenVINO's inference
+    precision hint; faster where the CPU has the instructions, maps differ, docs/export.md).
+    Its scorer takes and returns numpy arrays; the same checks apply (the file's size and
+    sha256, the manifest against the file's input and outputs, the images). Both arguments
+    must be left None for a jax.export directory.
 
     Checks, in order: the manifest (format and version), each file's size and sha256 against
     the manifest, that this process's platform is among the artifact's, that this jax reads the
@@ -395,7 +499,8 @@ def load_exported(directory: str | os.PathLike) -> tuple[Callable[[Any], tuple[j
 
     Raises:
       ExportError: a missing, truncated, edited or mismatched file, a platform or jax version
-        the artifact cannot run on; the message names the file and the fix. The scorer raises
+        the artifact cannot run on, a runtime that is not installed (ONNX: ``pip install
+        'protoad-jax[deploy]'``); the message names the file and the fix. The scorer raises
         ExportError for images of the wrong shape or dtype, or with NaN/inf.
     """
     folder = Path(directory)
@@ -404,6 +509,12 @@ def load_exported(directory: str | os.PathLike) -> tuple[Callable[[Any], tuple[j
         raise ExportError(f"exported scorer directory {folder} does not exist; write one with "
                           "scripts/export.py or protoad_jax.export_scorer")
     manifest = _read_manifest(folder, fix)
+    if manifest.get("artifact_format", ARTIFACT_FORMATS["jax"]) == ARTIFACT_FORMATS["onnx"]:
+        return _load_onnx(folder, manifest, runtime, precision, fix)
+    if runtime is not None or precision is not None:
+        raise ExportError(f"{folder / MANIFEST}: {folder} is a jax.export directory, which runs with "
+                          "jax; runtime= and precision= apply to ONNX directories (re-export it "
+                          "with format='onnx', scripts/export.py --format=onnx)")
     artifact = _check_file(folder, manifest["files"]["artifact"], fix)
     weights_path = _check_file(folder, manifest["files"]["weights"], fix)
     jx = manifest["jax_export"]
@@ -442,6 +553,47 @@ def load_exported(directory: str | os.PathLike) -> tuple[Callable[[Any], tuple[j
         input_pipeline.check_images(images, image_size, batch_size=fixed, owner=str(artifact),
                                     error=ExportError)
         return (traced_call if isinstance(images, jax.core.Tracer) else call)(weights, images)
+
+    return scorer, manifest
+
+
+def _load_onnx(folder: Path, manifest: dict[str, Any], runtime: str | None, precision: str | None,
+               fix: str) -> tuple[Callable[[Any], tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    from protoad_jax import onnx_export
+
+    runtime, precision = onnx_export.check_runtime(runtime, precision, ExportError)
+    artifact = _check_file(folder, manifest["files"]["artifact"], fix, (onnx_export.ARTIFACT,))
+    run, found = onnx_export.session(artifact, runtime, precision, ExportError, fix)
+    where = f"{folder / MANIFEST} does not match {artifact}"
+    if found["names"] != ([onnx_export.INPUT], list(onnx_export.OUTPUTS)):
+        raise ExportError(f"{artifact} takes {found['names'][0]} and returns {found['names'][1]}, "
+                          f"not {onnx_export.INPUT} -> {list(onnx_export.OUTPUTS)}: it is not a "
+                          f"protoad_jax scorer; {fix}")
+    pairs = {"input shape": (manifest["input"]["shape"], found["input"]),
+             "input dtype": (manifest["input"]["dtype"], found["dtype"]),
+             "output shapes": ([manifest["outputs"][k]["shape"] for k in onnx_export.OUTPUTS],
+                               [found[k] for k in onnx_export.OUTPUTS])}
+    for what, (says, has) in pairs.items():
+        if says != has:
+            raise ExportError(f"{where}: the manifest's {what} is {says}, the file's {has}. The "
+                              f"manifest was edited or belongs to another export; {fix}")
+    shape = manifest["input"]["shape"]
+    crop = manifest["preprocessing"].get("crop") if isinstance(manifest.get("preprocessing"), dict) else None
+    if shape[1:] != [crop, crop, 3]:
+        raise ExportError(f"{folder / MANIFEST}: preprocessing crop {crop} does not match the input shape "
+                          f"{shape}; the manifest was edited; {fix}")
+    image_size = int(shape[1])
+    fixed = shape[0] if isinstance(shape[0], int) else None
+    owner = f"{artifact} ({runtime}{', ' + precision if runtime == 'openvino' else ''})"
+
+    def scorer(images: Any) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(images, jax.core.Tracer):
+            raise ExportError(f"{owner} runs outside jax: call it on concrete arrays, not inside "
+                              "jax.jit (or export with format='jax' to trace it)")
+        input_pipeline.check_images(images, image_size, batch_size=fixed, owner=owner,
+                                    error=ExportError)
+        maps, scores = run(np.ascontiguousarray(np.asarray(images)))
+        return np.asarray(maps, np.float32), np.asarray(scores, np.float32)
 
     return scorer, manifest
 

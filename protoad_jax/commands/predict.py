@@ -6,6 +6,7 @@ Commands (``protoad predict ...`` is the same as ``python scripts/predict.py ...
   python scripts/predict.py --model=M.npz --input=one.png --output_dir=O --threshold=0.31
   python scripts/predict.py --model=M.npz --input=DIR --output_dir=O --skip_bad_images
   python scripts/predict.py --exported=D --input=DIR --output_dir=O   # a scripts/export.py directory
+  python scripts/predict.py --exported=D --runtime=openvino --precision=bf16 ...  # an ONNX export
 
 Prints one line per input file and a summary (a = anomalous, n = scored, k = skipped):
   <score>  <yes|no|unknown>  /data/new_bottles/003.png
@@ -25,7 +26,9 @@ anomalous when its score is above it. The threshold and its rule are saved into 
 so later runs without --threshold use it.
 With --exported=D (instead of --model) the images are decoded and preprocessed with the
 constants in D/manifest.json and scored by the exported artifact, without Flax; the threshold is
-the manifest's unless --threshold is given (--calibrate_dir needs --model).
+the manifest's unless --threshold is given (--calibrate_dir needs --model). An ONNX directory
+(export.py --format=onnx) runs with --runtime=onnxruntime (default) or openvino, the latter at
+--precision=f32 (default), bf16 or f16.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ from protoad_jax import cli, datasets
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model .npz written by fit()/evaluate.py (or pass --exported).")
 flags.DEFINE_string("exported", None, "Directory written by scripts/export.py (instead of --model).")
+flags.DEFINE_enum("runtime", None, ["onnxruntime", "openvino"],
+                  "With --exported ONNX directories: the runtime (default onnxruntime).")
+flags.DEFINE_enum("precision", None, ["f32", "bf16", "f16"],
+                  "With --exported ONNX directories and --runtime=openvino: inference precision "
+                  "(default f32, the live scorer's numbers).")
 flags.DEFINE_string("input", None, "An image file or a folder of images (searched recursively).", required=True)
 flags.DEFINE_string("output_dir", None, "Where predictions.csv, regions.json, overlays/ and masks/ go.",
                     required=True)
@@ -59,6 +67,8 @@ def main(argv):
 
     if (FLAGS.model is None) == (FLAGS.exported is None):
         raise cli.CommandError("pass exactly one of --model=M.npz and --exported=DIR")
+    if FLAGS.model and (FLAGS.runtime or FLAGS.precision):
+        raise cli.CommandError("--runtime and --precision apply to --exported ONNX directories")
     paths = datasets.find_images(FLAGS.input)
     scored, threshold, config = _score_exported(paths) if FLAGS.exported else _score_model(paths)
     out = Path(FLAGS.output_dir)
@@ -78,7 +88,8 @@ def _score_exported(paths):
     if FLAGS.calibrate_dir or FLAGS.weights:
         raise cli.CommandError("--calibrate_dir and --weights need --model; an exported scorer carries "
                                "its weights, and its threshold is set at export time (or pass --threshold)")
-    scorer, manifest = export.load_exported(FLAGS.exported)
+    scorer, manifest = export.load_exported(FLAGS.exported, runtime=FLAGS.runtime,
+                                            precision=FLAGS.precision)
     threshold = FLAGS.threshold if FLAGS.threshold is not None else manifest["threshold"]["value"]
     if threshold is None:
         print("no threshold is set: pass --threshold=T; predictions.csv says 'unknown'", file=sys.stderr)
