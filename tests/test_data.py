@@ -226,7 +226,7 @@ def test_read_mvtec_errors(tmp_path, caplog):
     for p in sorted((root / "bottle" / "ground_truth").rglob("*"), reverse=True):
         p.unlink() if p.is_file() else p.rmdir()
     (root / "bottle" / "ground_truth").rmdir()
-    with caplog.at_level(logging.WARNING, logger="protoad_jax.data"):
+    with caplog.at_level(logging.WARNING, logger="protoad_jax.datasets.folders"):
         c = datasets.read_mvtec(root, "bottle")
     assert not c.has_masks and all(t.mask_path is None for t in c.test)
     assert "pixel metrics will be null" in caplog.text and "ground_truth" in caplog.text

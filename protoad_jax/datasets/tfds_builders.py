@@ -84,7 +84,7 @@ class _AnomalyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": "Initial release: original pixels, reader order, binarised masks."}
-    DATASET = ""  # "mvtec" or "btad": which protoad_jax.data reader lists the files
+    DATASET = ""  # "mvtec" or "btad": which protoad_jax.datasets.folders reader lists the files
     DESCRIPTION = ""
     HOMEPAGE = ""
     CITATION = ""
