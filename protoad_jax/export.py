@@ -140,7 +140,9 @@ def export_scorer(model: Model, variables: dict | None, output_dir: str | os.Pat
         default ``default_platforms()``, the current platform plus cpu.
       batch_size: None: a symbolic batch dimension (any batch, one compile per batch size);
         an int fixes the batch.
-      chunk_size: as ``make_scorer`` (default ``"auto"``).
+      chunk_size: as ``make_scorer`` (default ``"auto"``; for ``format="onnx"``, ``"auto"`` is
+        one matmul per stage up to ``ONNX_UNCHUNKED_MAX`` prototypes: OpenVINO runs the chunk
+        loop's ONNX Loop slowly).
       format: ``"jax"`` (``scorer.jaxexport`` + ``weights.npz``) or ``"onnx"`` (``scorer.onnx``
         with the weights inside, converted by jax2onnx from the same function; ``platforms``
         does not apply; needs the ``[deploy]`` extra).
@@ -208,6 +210,11 @@ def _check_batch_size(batch_size: Any) -> None:
         raise SettingsError(f"batch_size must be a positive integer or None (symbolic), got {batch_size!r}")
 
 
+# ONNX exports with chunk_size="auto" use one matmul per stage up to this many prototypes
+# ([56, 56, 4096] float32 similarities: 51 MB per image) and prototype chunks above it.
+ONNX_UNCHUNKED_MAX = 4096
+
+
 def _export_onnx(model: Model, variables: dict | None, output_dir: str | os.PathLike, *,
                  batch_size: int | None, chunk_size: int | str | None) -> Path:
     """``export_scorer(..., format="onnx")``: the jitted scoring function with its weights closed
@@ -218,6 +225,11 @@ def _export_onnx(model: Model, variables: dict | None, output_dir: str | os.Path
     onnx_export.import_deploy("jax2onnx", ExportError, "export_scorer(format='onnx')")
     out = Path(output_dir)
     _check_target(out)
+    if chunk_size == "auto" and model.num_prototypes <= ONNX_UNCHUNKED_MAX:
+        # jax2onnx turns the chunk scan into an ONNX Loop, which OpenVINO runs slowly (28 of
+        # 54 ms at batch 1, bf16, K = 1000: scripts/benchmarks/deploy.py); one matmul per stage
+        # instead, while the [h, w, K] similarity block stays small.
+        chunk_size = None
     fn, variables, prototypes = pipeline.scoring_parts(model, variables, chunk_size=chunk_size,
                                                        tuned=False, caller="export_scorer")
 

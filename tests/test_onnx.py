@@ -34,7 +34,7 @@ from protoad_jax.export import ExportError
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "resnet50"
 S = 64
-KS = (6, 600)  # 600 > scoring.AUTO_CHUNK: the chunked head (lax.scan) is converted too
+KS = (6, 600)  # 600 exported with chunk_size=512: the chunked head (lax.scan) is converted too
 TOLERANCE = {("onnxruntime", "f32"): 1e-5, ("openvino", "f32"): 1e-4}
 
 
@@ -63,7 +63,21 @@ def models(weights_npz) -> dict[int, Model]:
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, models, variables) -> dict[int, Path]:
     root = tmp_path_factory.mktemp("onnx")
-    return {k: export.export_scorer(m, variables, root / f"k{k}", format="onnx") for k, m in models.items()}
+    return {k: export.export_scorer(m, variables, root / f"k{k}", format="onnx",
+                                    chunk_size=512 if k > 512 else "auto")
+            for k, m in models.items()}
+
+
+def test_onnx_auto_chunking_is_one_matmul(models, variables, tmp_path):
+    """chunk_size="auto" exports one matmul per stage up to ONNX_UNCHUNKED_MAX prototypes (no
+    ONNX Loop, which OpenVINO runs slowly); an explicit chunk size keeps the scan as a Loop."""
+    import onnx
+
+    out = export.export_scorer(models[600], variables, tmp_path / "auto", format="onnx")
+    ops = {n.op_type for n in onnx.load(str(out / "scorer.onnx")).graph.node}
+    manifest = json.loads((out / export.MANIFEST).read_text())
+    assert "Loop" not in ops and manifest["model"]["chunk_size"] is None, (sorted(ops), manifest["model"])
+    assert models[600].num_prototypes <= export.ONNX_UNCHUNKED_MAX
 
 
 @pytest.fixture(scope="module")

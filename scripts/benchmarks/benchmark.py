@@ -10,6 +10,7 @@ name: Python puts a script's own folder first on sys.path):
   python scripts/benchmarks/benchmark.py cluster --cluster_sizes=10000,100000 [--full]   # --full adds 1.23M
   python scripts/benchmarks/benchmark.py scale --scale_images=391
   python scripts/benchmarks/benchmark.py backbone --batch_sizes=1,8
+  python scripts/benchmarks/benchmark.py deploy --deploy_batch_sizes=1,8 --deploy_k=1000
 
 Tables and their columns:
   e2e       (e2e.py) full scoring path, make_scorer vs the concatenated head (before) and
@@ -31,6 +32,13 @@ Tables and their columns:
             patches kept | storage | features s | clustering s | total s | peak RSS MB.
   backbone  (backbone.py) Flax WideResNet to layer3 vs torchvision: batch | jax img/s |
             torch img/s | jax speed-up | jax compile s.
+  deploy    (deploy.py; not in ``all``; needs the [deploy] extra and onnxscript) JAX make_scorer,
+            our scorer.onnx under ONNX Runtime and OpenVINO f32/bf16 (bf16 where lscpu shows
+            amx_bf16 or avx512_bf16), and the anchor: the published network to the patch map,
+            torch.onnx dynamo export (opset 18), same OpenVINO and precision; also our export
+            with chunk_size=512, an ONNX Loop (--nodeploy_chunked drops it): path | precision | batch 1
+            latency ms | batch b img/s | GFLOP/s | % of the matmul peak at that precision |
+            vs anchor | vs JAX f32.
 
 A quick check that every measurement runs (tiny sizes, writes a throwaway file; about 2 min on
 2 cores):
@@ -54,6 +62,7 @@ from pathlib import Path
 import backbone
 import cluster
 import data
+import deploy
 import e2e
 import harness
 import head
@@ -76,7 +85,8 @@ def run_all() -> list[harness.Table]:
 
 
 COMMANDS = {"e2e": e2e.run, "head": head.run, "probe": torch_probe.run, "data": data.run,
-            "cluster": cluster.run, "scale": scale.run, "backbone": backbone.run, "all": run_all}
+            "cluster": cluster.run, "scale": scale.run, "backbone": backbone.run, "deploy": deploy.run,
+            "all": run_all}
 
 
 def main(argv):
