@@ -109,26 +109,11 @@ def _clustering(name: str):
 
 def case(spec: dict) -> dict:
     """One measurement, run by ``harness.run_case`` in a fresh process."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
     kind = spec["kind"]
     if kind == "peaks":
-        out = {}
-        a = jax.random.normal(jax.random.key(0), (4096, 1792))
-        b = jax.random.normal(jax.random.key(1), (1792, 4096))
-        for name, dt, prec in (("float32", jnp.float32, "highest"), ("bfloat16", jnp.bfloat16, None)):
-            f = jax.jit(lambda a, b: jnp.matmul(a.astype(dt), b.astype(dt), precision=prec,  # noqa: B023
-                                                preferred_element_type=jnp.float32))
-            f(a, b).block_until_ready()
-            ts = []
-            for _ in range(5):
-                t = time.perf_counter()
-                f(a, b).block_until_ready()
-                ts.append(time.perf_counter() - t)
-            out[name] = 2 * 4096 * 1792 * 4096 / sorted(ts)[2] / 1e9
-        return out
+        return {name: harness.matmul_gflops(name) for name in ("float32", "bfloat16")}
     x = np.load(spec["data"], mmap_mode="r")
     if kind == "merge" and len(x) < spec["m"]:
         raise ValueError(f"{spec['data']} has fewer than {spec['m']} rows")

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import harness
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from harness import FLAGS, Table
@@ -97,21 +96,6 @@ def _trunk_flops(tmodel) -> float:
     with counter:
         harness.torch_trunk(tmodel, torch.zeros(1, 3, 224, 224))
     return float(counter.get_total_flops())
-
-
-def _jax_peak() -> float:
-    """GFLOP/s of a jitted [4096, 1792] x [1792, 4096] float32 matmul (HIGHEST), median of 5, as
-    cluster_benchmark.py's peaks case."""
-    a = jax.random.normal(jax.random.key(0), (4096, 1792))
-    b = jax.random.normal(jax.random.key(1), (1792, 4096))
-    f = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest"))
-    f(a, b).block_until_ready()
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    return 2 * 4096 * 1792 * 4096 / sorted(ts)[2] / 1e9
 
 
 def _ov_peak(precision: str) -> float:
@@ -203,7 +187,7 @@ def run() -> list[Table]:
             med = harness.medians(*[functools.partial(paths[key], b) for key in keys])
             for key, s in zip(keys, med):
                 secs[(key, b)] = s
-    jax_peak = _jax_peak()
+    jax_peak = harness.matmul_gflops("float32")
     ov_peaks = {p: _ov_peak(p) for p in precisions}
     peaks = {"f32": max(jax_peak, ov_peaks["f32"]), **{p: ov_peaks[p] for p in precisions[1:]}}
 

@@ -372,3 +372,24 @@ def xla_settings() -> str:
         if options else
         "; protoad_jax.xla_cpu.compiler_options() gave no options here (XLA_FLAGS chooses the "
         "library fusions, the backend is not CPU, or this XLA lacks the option).")
+
+
+def matmul_gflops(dtype: str = "float32") -> float:
+    """GFLOP/s of a jitted [4096, 1792] x [1792, 4096] matmul in ``dtype`` (float32 at HIGHEST
+    precision; bfloat16 accumulating in float32), the median of 5 calls after warm-up: the
+    machine's matmul peak the tables compare against."""
+    import jax
+    import jax.numpy as jnp
+
+    dt, prec = {"float32": (jnp.float32, "highest"), "bfloat16": (jnp.bfloat16, None)}[dtype]
+    a = jax.random.normal(jax.random.key(0), (4096, 1792))
+    b = jax.random.normal(jax.random.key(1), (1792, 4096))
+    f = jax.jit(lambda a, b: jnp.matmul(a.astype(dt), b.astype(dt), precision=prec,
+                                        preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * 4096 * 1792 * 4096 / sorted(ts)[2] / 1e9
