@@ -243,33 +243,13 @@ def _export_onnx(model: Model, variables: dict | None, output_dir: str | os.Path
 
     def write(tmp: Path) -> None:
         conversion = onnx_export.convert(scoring, shape, tmp / onnx_export.ARTIFACT, ExportError)
-        artifact = tmp / onnx_export.ARTIFACT
-        config = model.config
         manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "artifact_format": ARTIFACT_FORMATS["onnx"],
-            "files": {"artifact": {"name": onnx_export.ARTIFACT, "bytes": artifact.stat().st_size,
-                                   "sha256": fileio.sha256_file(artifact)}},
+            **_manifest_common(model, "onnx", {"artifact": onnx_export.ARTIFACT}, tmp,
+                               [list(shape), [batch, size, size], [batch]], ["float32"] * 3,
+                               chunk_size=chunk_size, folded="batch_stats" not in variables),
             "call": "an ONNX session of scorer.onnx: input 'images' = `input`; outputs 'maps', "
                     "'scores' as `outputs`. protoad_jax.load_exported(dir, runtime='onnxruntime' | "
                     "'openvino') does this after its checks.",
-            "input": {"shape": list(shape), "dtype": "float32",
-                      "layout": "NHWC, RGB, preprocessed as `preprocessing` says"},
-            "outputs": {
-                "maps": {"shape": [batch, size, size], "dtype": "float32",
-                         "meaning": "anomaly map per pixel of the crop (higher = more anomalous)"},
-                "scores": {"shape": [batch], "dtype": "float32",
-                           "meaning": f"image anomaly score ({config.image_score})"},
-            },
-            "preprocessing": preprocessing(config.resize, size),
-            "threshold": {"value": model.threshold, "rule": model.info.get("threshold_rule"),
-                          "decision": "anomalous when score > value; null: no threshold was set"},
-            "config": dataclasses.asdict(config),
-            "model": {"num_prototypes": model.num_prototypes, "backbone_weights": model.weights,
-                      "batchnorm": "unfolded" if "batch_stats" in variables
-                      else "folded into the convolutions",
-                      "chunk_size": chunk_size, "info": model.info},
             "onnx": {**conversion, "batch": batch,
                      "runtimes": list(onnx_export.RUNTIMES),
                      "default_matmul_precision": jax.config.jax_default_matmul_precision},
@@ -281,31 +261,26 @@ def _export_onnx(model: Model, variables: dict | None, output_dir: str | os.Path
     return out
 
 
-def _manifest(model: Model, exported: jax_export.Exported, folder: Path, *,
-              chunk_size: int | str | None,
-              folded: bool) -> dict[str, Any]:
-    image = exported.in_avals[-1]
-    maps, scores = exported.out_avals
+def _manifest_common(model: Model, kind: str, files: dict[str, str], folder: Path,
+                     shapes: list[list], dtypes: list[str], *, chunk_size: int | str | None,
+                     folded: bool) -> dict[str, Any]:
+    """The manifest entries both formats write: format, the files' sizes and sha256 (``files``:
+    manifest key -> file name in ``folder``), input and outputs (``shapes`` and ``dtypes`` of
+    images, maps, scores), preprocessing, threshold, config and model."""
     config = model.config
+    (image, maps, scores), (image_dt, maps_dt, scores_dt) = shapes, dtypes
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "artifact_format": ARTIFACT_FORMATS["jax"],
-        "files": {
-            "artifact": {"name": ARTIFACT, "bytes": (folder / ARTIFACT).stat().st_size,
-                         "sha256": fileio.sha256_file(folder / ARTIFACT)},
-            "weights": {"name": WEIGHTS, "bytes": (folder / WEIGHTS).stat().st_size,
-                        "sha256": fileio.sha256_file(folder / WEIGHTS)},
-        },
-        "call": "jax.export.deserialize(bytearray(<scorer.jaxexport bytes>)).call(weights, images) "
-                "with weights = dict(np.load('weights.npz')) and images as `input`; returns "
-                "(maps, scores) as `outputs`. protoad_jax.load_exported(dir) does this after its checks.",
-        "input": {"shape": _dims(image.shape), "dtype": str(image.dtype),
+        "artifact_format": ARTIFACT_FORMATS[kind],
+        "files": {key: {"name": name, "bytes": (folder / name).stat().st_size,
+                        "sha256": fileio.sha256_file(folder / name)} for key, name in files.items()},
+        "input": {"shape": image, "dtype": image_dt,
                   "layout": "NHWC, RGB, preprocessed as `preprocessing` says"},
         "outputs": {
-            "maps": {"shape": _dims(maps.shape), "dtype": str(maps.dtype),
+            "maps": {"shape": maps, "dtype": maps_dt,
                      "meaning": "anomaly map per pixel of the crop (higher = more anomalous)"},
-            "scores": {"shape": _dims(scores.shape), "dtype": str(scores.dtype),
+            "scores": {"shape": scores, "dtype": scores_dt,
                        "meaning": f"image anomaly score ({config.image_score})"},
         },
         "preprocessing": preprocessing(config.resize, config.image_size),
@@ -315,6 +290,22 @@ def _manifest(model: Model, exported: jax_export.Exported, folder: Path, *,
         "model": {"num_prototypes": model.num_prototypes, "backbone_weights": model.weights,
                   "batchnorm": "folded into the convolutions" if folded else "unfolded",
                   "chunk_size": chunk_size, "info": model.info},
+    }
+
+
+def _manifest(model: Model, exported: jax_export.Exported, folder: Path, *,
+              chunk_size: int | str | None,
+              folded: bool) -> dict[str, Any]:
+    image = exported.in_avals[-1]
+    maps, scores = exported.out_avals
+    return {
+        **_manifest_common(model, "jax", {"artifact": ARTIFACT, "weights": WEIGHTS}, folder,
+                           [_dims(a.shape) for a in (image, maps, scores)],
+                           [str(a.dtype) for a in (image, maps, scores)],
+                           chunk_size=chunk_size, folded=folded),
+        "call": "jax.export.deserialize(bytearray(<scorer.jaxexport bytes>)).call(weights, images) "
+                "with weights = dict(np.load('weights.npz')) and images as `input`; returns "
+                "(maps, scores) as `outputs`. protoad_jax.load_exported(dir) does this after its checks.",
         "jax_export": {
             "platforms": list(exported.platforms),
             "calling_convention_version": exported.calling_convention_version,
@@ -449,24 +440,35 @@ def _check_against_artifact(manifest: dict[str, Any], exported: jax_export.Expor
         raise ExportError(f"{folder / ARTIFACT} takes {exported.in_tree}, not (weights, images): it is "
                           f"not a protoad_jax scorer; {fix}") from e
     jx = manifest["jax_export"]
-    pairs = {
-        "input shape": (manifest["input"]["shape"], _dims(image.shape)),
-        "input dtype": (manifest["input"]["dtype"], str(image.dtype)),
-        "output shapes": ([manifest["outputs"][k]["shape"] for k in ("maps", "scores")],
-                          [_dims(a.shape) for a in exported.out_avals]),
+    _check_io(manifest, folder, where, "artifact", fix, {
+        "input shape": _dims(image.shape),
+        "input dtype": str(image.dtype),
+        "output shapes": [_dims(a.shape) for a in exported.out_avals],
         "platforms": (jx["platforms"], list(exported.platforms)),
         "calling convention version": (jx["calling_convention_version"],
                                        exported.calling_convention_version),
-    }
-    for what, (says, has) in pairs.items():
-        if says != has:
-            raise ExportError(f"{where}: the manifest's {what} is {says}, the artifact's {has}. The "
-                              f"manifest was edited or belongs to another export; {fix}")
-    crop = manifest["preprocessing"].get("crop") if isinstance(manifest.get("preprocessing"), dict) else None
-    if manifest["input"]["shape"][1:] != [crop, crop, 3]:
-        raise ExportError(f"{folder / MANIFEST}: preprocessing crop {crop} does not match the input shape "
-                          f"{manifest['input']['shape']}; the manifest was edited; {fix}")
+    })
     return weights, image
+
+
+def _check_io(manifest: dict[str, Any], folder: Path, where: str, what_file: str, fix: str,
+              found: dict[str, Any]) -> None:
+    """Raises ExportError where the manifest disagrees with what the file declares: ``found``
+    maps a check to the file's value (the manifest's input shape and dtype and output shapes
+    are read here) or to a ``(manifest's, file's)`` pair; then the preprocessing crop against
+    the input shape."""
+    says_of = {"input shape": manifest["input"]["shape"], "input dtype": manifest["input"]["dtype"],
+               "output shapes": [manifest["outputs"][k]["shape"] for k in ("maps", "scores")]}
+    for what, has in found.items():
+        says, has = (says_of[what], has) if what in says_of else has
+        if says != has:
+            raise ExportError(f"{where}: the manifest's {what} is {says}, the {what_file}'s {has}. "
+                              f"The manifest was edited or belongs to another export; {fix}")
+    shape = manifest["input"]["shape"]
+    crop = manifest["preprocessing"].get("crop") if isinstance(manifest.get("preprocessing"), dict) else None
+    if shape[1:] != [crop, crop, 3]:
+        raise ExportError(f"{folder / MANIFEST}: preprocessing crop {crop} does not match the input shape "
+                          f"{shape}; the manifest was edited; {fix}")
 
 
 def _load_weights(path: Path, avals: dict[str, Any], fix: str) -> dict[str, np.ndarray]:
@@ -581,19 +583,10 @@ def _load_onnx(folder: Path, manifest: dict[str, Any], runtime: str | None, prec
         raise ExportError(f"{artifact} takes {found['names'][0]} and returns {found['names'][1]}, "
                           f"not {onnx_export.INPUT} -> {list(onnx_export.OUTPUTS)}: it is not a "
                           f"protoad_jax scorer; {fix}")
-    pairs = {"input shape": (manifest["input"]["shape"], found["input"]),
-             "input dtype": (manifest["input"]["dtype"], found["dtype"]),
-             "output shapes": ([manifest["outputs"][k]["shape"] for k in onnx_export.OUTPUTS],
-                               [found[k] for k in onnx_export.OUTPUTS])}
-    for what, (says, has) in pairs.items():
-        if says != has:
-            raise ExportError(f"{where}: the manifest's {what} is {says}, the file's {has}. The "
-                              f"manifest was edited or belongs to another export; {fix}")
+    _check_io(manifest, folder, where, "file", fix, {
+        "input shape": found["input"], "input dtype": found["dtype"],
+        "output shapes": [found[k] for k in onnx_export.OUTPUTS]})
     shape = manifest["input"]["shape"]
-    crop = manifest["preprocessing"].get("crop") if isinstance(manifest.get("preprocessing"), dict) else None
-    if shape[1:] != [crop, crop, 3]:
-        raise ExportError(f"{folder / MANIFEST}: preprocessing crop {crop} does not match the input shape "
-                          f"{shape}; the manifest was edited; {fix}")
     image_size = int(shape[1])
     fixed = shape[0] if isinstance(shape[0], int) else None
     owner = f"{artifact} ({runtime}{', ' + precision if runtime == 'openvino' else ''})"
