@@ -6,6 +6,7 @@ Commands (``protoad_jax/commands/<name>.py``; ``scripts/<name>.py`` runs the sam
   protoad export             write a portable scorer (jax.export artifact + weights + manifest)
   protoad convert-weights    torchvision .pth -> the .npz the backbone loads (no torch needed)
   protoad compare-reference  maps and scores against the PyTorch reference (needs [test])
+  protoad update             add normal images to a fitted model without a refit
 
 ``protoad <command> --help`` lists a command's flags. Any ``protoad_jax.InputError`` (a missing,
 truncated or wrong file, an empty folder, a flag out of range) ends the command with one line
@@ -30,6 +31,7 @@ COMMANDS = {
     "export": "export",
     "convert-weights": "convert_weights",
     "compare-reference": "compare_reference",
+    "update": "update",
 }
 WEIGHTS_HINT = ("Pass --weights=PATH.npz (`protoad convert-weights` makes it), or "
                 "--allow_random_weights to run with a random-init backbone (results are then not "
@@ -55,6 +57,18 @@ def error_line(e: Exception) -> str:
     if isinstance(e, NoWeightsError):
         line += " " + WEIGHTS_HINT
     return line
+
+
+def enable_compile_cache(folder: str | None) -> None:
+    """``compile_cache.enable(folder)`` for a command's ``--compile_cache_dir`` flag (None: not
+    given); a folder that cannot be used is a ``CommandError`` naming the flag."""
+    from protoad_jax import compile_cache
+
+    try:
+        compile_cache.enable(folder)
+    except InputError as e:
+        raise CommandError.hinted(e, "Or pass --compile_cache_dir=DIR (a writable folder), or "
+                                     "--compile_cache_dir= to run without it.") from e
 
 
 def clean_errors(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int | None]:

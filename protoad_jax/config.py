@@ -20,6 +20,15 @@ IMAGE_SCORES = {
 CLUSTERINGS = ("finch", "kmeans")
 PATCH_SAMPLERS = ("random", "coreset")
 DTYPES = ("float32", "bfloat16")
+# What the model looks at (Config.view), with what each one scores (docs/METHOD.md section 5).
+VIEWS = {
+    "center_crop": "shorter side resized, center crop scored (the reference code; the outer band "
+                   "is not scored)",
+    "full_frame": "the whole image resized to image_size x image_size (aspect ratio not kept), "
+                  "every pixel scored",
+    "tiles": "overlapping tile_size tiles of the image (long side first resized to "
+             "tile_image_size when set), each scored at image_size, maps stitched (mean)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +60,13 @@ class Config:
         patches in memory first).
       seed: PRNG seed for subsampling and k-means++.
       dtype: backbone compute dtype, ``"float32"`` or ``"bfloat16"``.
+      view: what is scored (``VIEWS``): ``"center_crop"`` (default, the reference code),
+        ``"full_frame"`` or ``"tiles"``.
+      tile_size: ``"tiles"``: tile side in pixels of the (optionally resized) image.
+      tile_overlap: ``"tiles"``: minimum overlap of neighbouring tiles in pixels (< tile_size);
+        the last tile of a row or column is flush with the edge, so it may overlap more.
+      tile_image_size: ``"tiles"``: resize the image first so that its long side is this many
+        pixels (PIL LANCZOS); None keeps the original resolution.
     """
 
     arch: str = "wide_resnet50_2"
@@ -69,6 +85,10 @@ class Config:
     patch_sampler: str = "random"
     seed: int = 0
     dtype: str = "float32"
+    view: str = "center_crop"
+    tile_size: int = 256
+    tile_overlap: int = 32
+    tile_image_size: int | None = None
 
     def __post_init__(self):
         checks = {
@@ -76,6 +96,7 @@ class Config:
             "clustering": (self.clustering, CLUSTERINGS),
             "patch_sampler": (self.patch_sampler, PATCH_SAMPLERS),
             "dtype": (self.dtype, DTYPES),
+            "view": (self.view, tuple(VIEWS)),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -87,6 +108,22 @@ class Config:
             raise SettingsError(f"Config.max_patches must be a positive int, None or 'auto', got {self.max_patches!r}")
         if self.image_size > self.resize:
             raise SettingsError(f"Config.image_size ({self.image_size}) must not exceed resize ({self.resize})")
+        self._check_tiles()
+
+    def _check_tiles(self) -> None:
+        def whole(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not (whole(self.tile_size) and self.tile_size >= 1):
+            raise SettingsError(f"Config.tile_size must be a positive integer, got {self.tile_size!r}")
+        if not (whole(self.tile_overlap) and 0 <= self.tile_overlap < self.tile_size):
+            raise SettingsError(f"Config.tile_overlap must be an integer with 0 <= overlap < tile_size "
+                                f"({self.tile_size}), got {self.tile_overlap!r}; a tile must advance")
+        if self.tile_image_size is not None and not (whole(self.tile_image_size)
+                                                     and self.tile_image_size >= self.tile_size):
+            raise SettingsError(f"Config.tile_image_size must be None or an integer >= tile_size "
+                                f"({self.tile_size}), got {self.tile_image_size!r}: the resized "
+                                "image must hold at least one tile")
 
     def patch_budget(self, platform: str) -> int | None:
         """``max_patches`` resolved for a JAX platform (``"cpu"``, ``"gpu"``, ``"tpu"``)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -21,7 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from protoad_jax.errors import BadImageError, DatasetError, InputError, SettingsError
-from protoad_jax.preprocess import check_sizes, image_size, preprocess_image, preprocess_mask
+from protoad_jax.preprocess import (
+    check_sizes,
+    image_size,
+    mask_files,
+    preprocess_frame,
+    preprocess_frame_mask,
+    preprocess_image,
+    preprocess_mask,
+    preprocess_tiles,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +45,19 @@ class SkippedImage(NamedTuple):
 
 
 def check_mask_matches(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> None:
-    """Raises ``DatasetError`` when a mask's original size differs from its image's.
+    """Raises ``DatasetError`` when a mask's original size differs from its image's (each file
+    of a mask folder, ``preprocess.mask_files``).
 
     Both are resized and cropped independently, so a size mismatch would silently misalign
     every pixel of the evaluation.
     """
-    isize, msize = image_size(image_path), image_size(mask_path)
-    if isize != msize:
-        raise DatasetError(
-            f"mask {mask_path} is {msize[0]}x{msize[1]} but its image {image_path} is "
-            f"{isize[0]}x{isize[1]} (width x height); a mask must have its image's size")
+    isize = image_size(image_path)
+    for mask_file in mask_files(mask_path):  # a folder of masks (MVTec LOCO): each file
+        msize = image_size(mask_file)
+        if isize != msize:
+            raise DatasetError(
+                f"mask {mask_file} is {msize[0]}x{msize[1]} but its image {image_path} is "
+                f"{isize[0]}x{isize[1]} (width x height); a mask must have its image's size")
 
 
 
@@ -105,16 +118,15 @@ class Stream:
         self._gen.close()
 
 
-def _decoded(paths: Sequence[str | os.PathLike], resize: int, crop: int, num_threads: int | None,
-             prefetch: int | None, skip_bad: bool,
-             skipped: list[SkippedImage]) -> Iterator[tuple[Path, np.ndarray]]:
-    check_sizes(resize, crop)
+def _decoded(paths: Sequence[str | os.PathLike], prepare: Callable[[Path], Any],
+             num_threads: int | None, prefetch: int | None, skip_bad: bool,
+             skipped: list[SkippedImage]) -> Iterator[tuple[Path, Any]]:
     num_threads = default_num_threads() if num_threads is None else num_threads
     prefetch = 4 * max(1, num_threads) if prefetch is None else prefetch
 
-    def load(path: Path) -> tuple[Path, np.ndarray | BadImageError]:
+    def load(path: Path) -> tuple[Path, Any]:
         try:
-            return path, preprocess_image(path, resize, crop)
+            return path, prepare(path)
         except BadImageError as e:
             return path, e
 
@@ -141,7 +153,7 @@ def pad_to(images: np.ndarray, size: int) -> np.ndarray:
 
 def batched(paths: Sequence[str | os.PathLike], batch_size: int, resize: int = 256,
             crop: int = 224, num_threads: int | None = None, prefetch: int | None = None,
-            pad: bool = True, skip_bad: bool = False) -> Stream:
+            pad: bool = True, skip_bad: bool = False, *, frame: bool = False) -> Stream:
     """Streams preprocessed images in batches, in order, decoding ahead on a thread pool.
 
     Args:
@@ -153,6 +165,8 @@ def batched(paths: Sequence[str | os.PathLike], batch_size: int, resize: int = 2
       pad: zero-pad the last batch to ``batch_size`` (``Batch.num_valid`` rows are real).
       skip_bad: skip undecodable files (listed in ``.skipped``; batches stay full) instead of
         raising.
+      frame: the ``full_frame`` view: ``preprocess_frame(path, crop)`` (whole image, ``resize``
+        unused) instead of ``preprocess_image``.
 
     Returns:
       A ``Stream`` of ``Batch(images [batch_size, crop, crop, 3] float32, paths)``; unpacks as
@@ -170,7 +184,9 @@ def batched(paths: Sequence[str | os.PathLike], batch_size: int, resize: int = 2
     def gen(skipped: list[SkippedImage]) -> Iterator[Batch]:
         images: list[np.ndarray] = []
         names: list[Path] = []
-        for path, x in _decoded(paths, resize, crop, num_threads, prefetch, skip_bad, skipped):
+        prepare = (functools.partial(preprocess_frame, size=crop) if frame else
+                   functools.partial(preprocess_image, resize=resize, crop=crop))
+        for path, x in _decoded(paths, prepare, num_threads, prefetch, skip_bad, skipped):
             images.append(x)
             names.append(path)
             if len(images) == batch_size:
@@ -183,9 +199,56 @@ def batched(paths: Sequence[str | os.PathLike], batch_size: int, resize: int = 2
     return Stream(gen)
 
 
+class Tile(NamedTuple):
+    """One row of a ``tile_batches`` batch: tile ``index`` (``layout.boxes`` order) of the image
+    at ``path``, tiled as ``layout`` (``views.TileLayout``)."""
+
+    path: Path
+    layout: Any
+    index: int
+
+
+def tile_batches(paths: Sequence[str | os.PathLike], batch_size: int, size: int, tile_size: int,
+                 tile_overlap: int, tile_image_size: int | None, *, skip_bad: bool = False,
+                 skipped: list[SkippedImage] | None = None, num_threads: int | None = None
+                 ) -> Iterator[tuple[np.ndarray, list[Tile]]]:
+    """The ``tiles`` view's batches: ``(batch [batch_size, size, size, 3] float32, rows)`` where
+    the rows are the ``Tile`` in each valid row; tiles of consecutive images share batches (an
+    image's tiles are consecutive rows, possibly over two batches), and the last batch is
+    zero-padded so a jitted consumer sees one shape.
+
+    Images are decoded and cut (``preprocess_tiles``) on a thread pool; with ``skip_bad``,
+    undecodable files are skipped and, once iteration ends, appended to ``skipped``.
+
+    Raises:
+      BadImageError: a file is missing or undecodable (``skip_bad=False``).
+      views.TileError: an image is smaller than one tile.
+    """
+    prepare = functools.partial(preprocess_tiles, size=size, tile_size=tile_size,
+                                tile_overlap=tile_overlap, tile_image_size=tile_image_size)
+    num_threads = default_num_threads() if num_threads is None else num_threads
+    local: list[SkippedImage] = []
+    rows: list[np.ndarray] = []
+    owners: list[Tile] = []
+    for path, (tiles, layout) in _decoded(paths, prepare, num_threads, 2 * num_threads, skip_bad, local):
+        for i, t in enumerate(tiles):
+            rows.append(t)
+            owners.append(Tile(path, layout, i))
+            if len(rows) == batch_size:
+                yield np.stack(rows), owners
+                rows, owners = [], []
+    if rows:
+        yield pad_to(np.stack(rows), batch_size), owners
+    if skipped is not None:
+        skipped += local
+
+
 def load_masks(items: Sequence[Any], resize: int = 256, crop: int = 224,
-               num_threads: int | None = None) -> np.ndarray:
+               num_threads: int | None = None, *, frame: bool = False) -> np.ndarray:
     """Ground-truth masks of ``items``: all-False for normal images, checked against the image size.
+
+    ``frame``: for the ``full_frame`` and ``tiles`` views, the whole mask at ``crop x crop``
+    (``preprocess_frame_mask``; the evaluation resolution) instead of the center crop.
 
     Returns:
       ``[len(items), crop, crop]`` bool.
@@ -202,6 +265,8 @@ def load_masks(items: Sequence[Any], resize: int = 256, crop: int = 224,
         if item.mask_path is None:
             raise DatasetError(f"anomalous test image {item.path} has no ground-truth mask")
         check_mask_matches(item.path, item.mask_path)
+        if frame:
+            return preprocess_frame_mask(item.mask_path, crop)
         return preprocess_mask(item.mask_path, resize, crop)
 
     num_threads = default_num_threads() if num_threads is None else num_threads
@@ -258,8 +323,8 @@ def check_images(images: Any, image_size: int, *, batch_size: int | None = None,
 
 
 def iter_batches(images: Sequence[Any], batch_size: int, resize: int, crop: int, *,
-                 skip_bad: bool = False, skipped: list[SkippedImage] | None = None
-                 ) -> Iterator[tuple[np.ndarray, list]]:
+                 skip_bad: bool = False, skipped: list[SkippedImage] | None = None,
+                 frame: bool = False) -> Iterator[tuple[np.ndarray, list]]:
     """Yields ``(batch [batch_size, crop, crop, 3] float32, items)`` where ``items`` are the
     inputs in the batch's valid rows; the last batch is zero-padded to ``batch_size`` so a jitted
     consumer sees one shape and never recompiles.
@@ -267,9 +332,10 @@ def iter_batches(images: Sequence[Any], batch_size: int, resize: int, crop: int,
     ``images`` holds image paths (decoded on a thread pool with prefetch; with ``skip_bad``,
     undecodable files are skipped, left out of ``items`` and, once iteration ends, appended to
     ``skipped`` as ``SkippedImage``) or preprocessed arrays (checked with ``check_images``).
+    ``frame``: paths are preprocessed for the ``full_frame`` view (``batched``).
     """
     if len(images) and isinstance(images[0], (str, os.PathLike)):
-        stream = batched(images, batch_size, resize=resize, crop=crop, skip_bad=skip_bad)
+        stream = batched(images, batch_size, resize=resize, crop=crop, skip_bad=skip_bad, frame=frame)
         for batch in stream:
             yield batch.images, batch.paths
         if skipped is not None:
@@ -285,25 +351,31 @@ def iter_batches(images: Sequence[Any], batch_size: int, resize: int, crop: int,
 @dataclasses.dataclass
 class ScoredImages:
     """Per-image results of ``pipeline.score_images`` and ``export.score_files``: maps
-    ``[n, s, s]``, scores ``[n]``, patch maps ``[n, h, w]`` (None from an exported scorer), the
-    ``n`` inputs scored, and the inputs ``skipped`` as unreadable with
+    ``[n, s, s]``, scores ``[n]``, patch maps ``[n, h, w]`` (None from an exported scorer and
+    in the ``tiles`` view), the ``n`` inputs scored, and the inputs ``skipped`` as unreadable with
     ``skip_bad`` (``SkippedImage(path, reason)``, in input order; absent from the
-    arrays)."""
+    arrays).
+
+    ``maps`` cover what the view scores (docs/METHOD.md section 5): the center crop
+    (``center_crop``) or the whole image squeezed to ``s x s`` (``full_frame``, ``tiles``: the
+    evaluation resolution). ``frames`` (``tiles`` only): each image's stitched map
+    ``[tiled_height, tiled_width]`` float32 (``views.stitch``), what its regions are found in."""
 
     maps: np.ndarray
     scores: np.ndarray
     patch_maps: np.ndarray | None
     inputs: list
     skipped: list[SkippedImage] = dataclasses.field(default_factory=list)
+    frames: list[np.ndarray] | None = None
 
 
 def score_batches(call: Callable[[np.ndarray], tuple], images: Sequence[Any], batch_size: int,
-                  resize: int, crop: int, *, progress: bool = True, skip_bad: bool = False
-                  ) -> tuple[list[np.ndarray], list, list[SkippedImage]]:
+                  resize: int, crop: int, *, progress: bool = True, skip_bad: bool = False,
+                  frame: bool = False) -> tuple[list[np.ndarray], list, list[SkippedImage]]:
     """Runs ``call(batch [batch_size, crop, crop, 3]) -> (array [batch_size, ...], ...)`` over
     ``iter_batches`` and returns ``(outputs, inputs, skipped)``: each output concatenated over
     the batches with the padding rows dropped, the inputs scored in order, and the files skipped
-    as unreadable (with ``skip_bad``).
+    as unreadable (with ``skip_bad``). ``frame``: the ``full_frame`` view (``batched``).
 
     Raises:
       BadImageError: an image file is missing or undecodable (``skip_bad=False``; its
@@ -321,7 +393,7 @@ def score_batches(call: Callable[[np.ndarray], tuple], images: Sequence[Any], ba
     with Progress("scoring", len(images), "img", progress) as bar:
         try:
             for batch, items in iter_batches(images, batch_size, resize, crop, skip_bad=skip_bad,
-                                             skipped=skipped):
+                                             skipped=skipped, frame=frame):
                 n = len(items)
                 res = jax.device_get(call(batch))
                 outputs = outputs or [[] for _ in res]
@@ -332,9 +404,14 @@ def score_batches(call: Callable[[np.ndarray], tuple], images: Sequence[Any], ba
         except BadImageError as e:
             e.skippable = True  # skip_bad=True would have skipped it
             raise
+    check_any_scored(inputs, skipped)
+    return [np.concatenate(out) for out in outputs], inputs, skipped
+
+
+def check_any_scored(inputs: list, skipped: list[SkippedImage]) -> None:
+    """Raises ``BadImageError`` listing the skipped files when nothing was scored."""
     if not inputs:
         listed = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5])
         more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
         raise BadImageError(f"none of the {len(skipped)} images could be read: {listed}{more}",
                             skipped[0].path, "every image was unreadable")
-    return [np.concatenate(out) for out in outputs], inputs, skipped

@@ -22,7 +22,8 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,10 +32,20 @@ import numpy as np
 
 # backbone (Flax) is imported where the backbone is traced or loaded, so that `import protoad_jax`
 # and protoad_jax.load_exported never import Flax (tests/test_export.py checks it).
-from protoad_jax import features, input_pipeline, scoring, sharding, xla_cpu
+from protoad_jax import (
+    distributed,
+    exemplars,
+    features,
+    input_pipeline,
+    preprocess,
+    scoring,
+    sharding,
+    views,
+    xla_cpu,
+)
 from protoad_jax.clustering import PatchGrid, cluster, coreset
 from protoad_jax.config import EMBED_CHANNELS, EMBED_LAYERS, Config
-from protoad_jax.errors import NoWeightsError, SettingsError
+from protoad_jax.errors import BadImageError, NoWeightsError, SettingsError
 from protoad_jax.input_pipeline import ScoredImages
 from protoad_jax.model import Model, check_prototypes
 from protoad_jax.progress import Progress
@@ -81,7 +92,7 @@ def _embed_fn(arch: str, dtype: str, out_dtype: str) -> Callable:
 @functools.cache
 def _score_fn(arch: str, dtype: str, image_size: int, sigma: float, truncate: float,
               image_score: str, chunk_size: int | str | None, tuned: bool = True,
-              factored: bool = True) -> Callable:
+              factored: bool = True, nearest: bool = False) -> Callable:
     """The jitted scoring region; ``tuned=False`` without compiler options, for use inside a
     user's ``jit`` (JAX accepts compiler options on top-level ``jit`` only)."""
     # The factored head: prototype similarities at each stage's own resolution (exact up to
@@ -91,6 +102,9 @@ def _score_fn(arch: str, dtype: str, image_size: int, sigma: float, truncate: fl
 
     def fn(variables, prototypes, images):
         stages = _stages_batch(arch, dtype, variables, images)
+        if nearest:  # (ScoreResult, nearest prototype [b, h, w]): protoad_jax.explain
+            return jax.vmap(functools.partial(scoring.score_features_nearest, **kw),
+                            in_axes=(0, None))(stages, prototypes)
         if factored:
             return jax.vmap(functools.partial(scoring.score_features, **kw),
                             in_axes=(0, None))(stages, prototypes)
@@ -101,7 +115,7 @@ def _score_fn(arch: str, dtype: str, image_size: int, sigma: float, truncate: fl
 
 
 def scoring_function(config: Config, chunk_size: int | str | None = scoring.AUTO, *,
-                     tuned: bool = True, factored: bool = True) -> Callable:
+                     tuned: bool = True, factored: bool = True, nearest: bool = False) -> Callable:
     """The cached jitted scoring region for ``config``'s static settings.
 
     ``fn(variables, prototypes [k, c], images [b, s, s, 3]) -> ScoreResult`` batched: backbone
@@ -112,40 +126,94 @@ def scoring_function(config: Config, chunk_size: int | str | None = scoring.AUTO
     use inside a user's ``jit`` (JAX accepts compiler options on a top-level ``jit`` only).
     ``factored=False``: the head on the concatenated embedding (``scoring.score_image``), the
     same numbers up to float32 rounding at 4x the head's FLOPs, for comparisons (the benchmark).
+    ``nearest=True``: ``(ScoreResult, nearest [b, h, w] int32)``, each patch's nearest prototype
+    beside the max (``scoring.score_features_nearest``; ``protoad_jax.explain`` runs it).
 
     Raises:
       ValueError: ``chunk_size`` is not a positive integer, ``"auto"`` or None.
     """
     return _score_fn(config.arch, config.dtype, config.image_size, float(config.sigma),
                      float(config.truncate), config.image_score,
-                     scoring.check_chunk_size(chunk_size), tuned, factored)
+                     scoring.check_chunk_size(chunk_size), tuned, factored, nearest)
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def check_view_inputs(images: Sequence[Any], config: Config) -> None:
+    """Raises ``SettingsError`` for preprocessed arrays in the ``tiles`` view (it cuts image
+    files; an array is one model input already)."""
+    if config.view == "tiles" and len(images) and not isinstance(images[0], (str, os.PathLike)):
+        raise SettingsError("the tiles view cuts image files into tiles; pass image paths, not "
+                            "preprocessed arrays (TFDS datasets give center crops: use a folder "
+                            "dataset, or --view=center_crop)")
+
+
+def count_inputs(images: Sequence[Any], config: Config) -> int:
+    """Model inputs (rows of the scorer's batches) ``images`` make in ``config.view``: one per
+    image, or (``tiles``) the tiles of every image, counted from the file headers.
+
+    Raises:
+      views.TileError: (tiles) an image is smaller than one tile (the message names the file).
+      BadImageError: (tiles) a header cannot be read.
+    """
+    check_view_inputs(images, config)
+    if config.view != "tiles":
+        return len(images)
+    return sum(views.tile_layout(*preprocess.image_size(p), config.tile_size, config.tile_overlap,
+                                 config.tile_image_size, f"image file {p}").num_tiles
+               for p in images)
+
+
+def view_batches(images: Sequence[Any], batch_size: int, config: Config, *, skip_bad: bool = False,
+                 skipped: list | None = None) -> Iterator[tuple[np.ndarray, list]]:
+    """``(batch [batch_size, s, s, 3], rows)`` of ``images`` in ``config.view``: rows are the
+    inputs (``center_crop``, ``full_frame``: ``input_pipeline.iter_batches``) or
+    ``input_pipeline.Tile`` rows (``tiles``: ``input_pipeline.tile_batches``)."""
+    check_view_inputs(images, config)
+    if config.view == "tiles":
+        return input_pipeline.tile_batches(images, batch_size, config.image_size, config.tile_size,
+                                           config.tile_overlap, config.tile_image_size,
+                                           skip_bad=skip_bad, skipped=skipped)
+    return input_pipeline.iter_batches(images, batch_size, config.resize, config.image_size,
+                                       skip_bad=skip_bad, skipped=skipped,
+                                       frame=config.view == "full_frame")
 
 
 # ----------------------------------------------------------------------------- fit
 
 
 def extract_patches(images: Sequence[Any], variables: dict, config: Config, *, batch_size: int = 8,
-                    progress: bool = True) -> np.ndarray:
+                    progress: bool = True, with_index: bool = False, across_processes: bool = False
+                    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """All (or ``config.patch_budget(...)`` seeded-sampled) L2-normalised patch embeddings ``[n, 1792]``.
 
     ``config.patch_sampler``: ``"random"`` keeps a uniform seeded sample (drawn before the
     extraction, so only the kept patches are stored); ``"coreset"`` extracts every patch, then
     keeps the greedy k-center coreset (``coreset.greedy_coreset``). Without a budget below the
     total, every patch is kept in image-major, row-major order (``clustering.PatchGrid``; ``fit``
-    passes that structure on). Batches of ``batch_size``
+    passes that structure on). ``with_index``: also each kept patch's origin, its ``[n]`` int64
+    position in that order (image ``i // side^2``, row and column ``divmod(i % side^2, side)``;
+    ``protoad_jax.exemplars`` turns it into image, row, column). Batches of ``batch_size``
     (rounded up to a multiple of the local device count) are split across the local devices.
+    ``across_processes``: each process of a multi-process run embeds its block of the images
+    (``distributed.block``; the same sample positions) and every process gets all of them, in
+    the one-process order (``distributed.allgather_rows``).
     """
     per_image = (config.image_size // 4) ** 2
-    total = len(images) * per_image
+    n_inputs = count_inputs(images, config)  # tiles: every tile is an input with its own grid
+    total = n_inputs * per_image
     keep = None
     budget = config.patch_budget(jax.default_backend())
     if budget is not None and budget < total:
         if config.patch_sampler == "coreset":
             patches = extract_patches(images, variables,
                                       dataclasses.replace(config, max_patches=None),
-                                      batch_size=batch_size, progress=progress)
+                                      batch_size=batch_size, progress=progress,
+                                      across_processes=across_processes)
             with Progress(f"coreset ({budget} of {len(patches)} patches)", None, "", progress):
-                return patches[coreset.greedy_coreset(patches, budget, config.seed)]
+                chosen = np.asarray(coreset.greedy_coreset(patches, budget, config.seed))
+            return (patches[chosen], chosen.astype(np.int64)) if with_index else patches[chosen]
         rng = np.random.default_rng(config.seed)
         keep = np.sort(rng.choice(total, size=budget, replace=False))
     n_out = total if keep is None else len(keep)
@@ -154,10 +222,14 @@ def extract_patches(images: Sequence[Any], variables: dict, config: Config, *, b
     out = np.empty((n_out, channels), store)
     fn = _embed_fn(config.arch, config.dtype, np.dtype(store).name)
     variables = sharding.replicate(variables)
-    pos = written = 0
-    with Progress("features", len(images), "img", progress) as bar:
-        for batch, items in input_pipeline.iter_batches(images, sharding.device_batch_size(batch_size),
-                                                        config.resize, config.image_size):
+    share = distributed.block(len(images)) if across_processes else slice(0, len(images))
+    pos = count_inputs(images[:share.start], config) * per_image if share.start else 0
+    written = 0
+    unit = "tile" if config.view == "tiles" else "img"
+    with Progress("features", n_inputs, unit, progress) as bar:
+        mine = images[share] if share.stop > share.start else []
+        for batch, items in (view_batches(mine, sharding.device_batch_size(batch_size), config)
+                             if mine else ()):
             n_valid = len(items)
             emb = np.asarray(fn(variables, sharding.device_batch(batch)))[:n_valid].reshape(-1, channels)
             if keep is not None:
@@ -167,12 +239,16 @@ def extract_patches(images: Sequence[Any], variables: dict, config: Config, *, b
             pos += n_valid * per_image
             written += len(emb)
             bar.update(n_valid)
-    return out[:written]
+    out = distributed.allgather_rows(out[:written]) if across_processes else out[:written]
+    if with_index:
+        return out, (np.arange(len(out), dtype=np.int64) if keep is None else keep)
+    return out
 
 
 def fit(images: Iterable[Any], weights: str | os.PathLike | None = None, clustering: str = "finch",
         num_prototypes: int | None = 1000, seed: int = 0, *, config: Config | None = None,
-        variables: dict | None = None, batch_size: int = 8, progress: bool = True, **settings) -> Model:
+        variables: dict | None = None, batch_size: int = 8, progress: bool = True,
+        across_processes: bool = False, **settings) -> Model:
     """Fits ProtoAD prototypes on normal images.
 
     Args:
@@ -186,6 +262,10 @@ def fit(images: Iterable[Any], weights: str | os.PathLike | None = None, cluster
       variables: backbone variables already in memory (skips loading ``weights``).
       batch_size: images per jitted backbone call (rounded up to a multiple of the local device
         count; each device gets ``batch_size / devices`` images).
+      across_processes: every process of a multi-process run calls ``fit`` with the same
+        arguments: the patch extraction is split by images over the processes, the clustering
+        over every process's devices (``distributed.global_mesh()``); the same model as one
+        process fits (bit for bit; docs/distributed.md).
       settings: other ``Config`` fields (``max_patches``, ``normalize_prototypes``, ``image_score``...).
 
     Returns:
@@ -210,17 +290,27 @@ def fit(images: Iterable[Any], weights: str | os.PathLike | None = None, cluster
 
         variables = load_backbone(weights, config.arch)
     t0 = time.perf_counter()
-    patches = extract_patches(images, variables, config, batch_size=batch_size, progress=progress)
+    patches, origin = extract_patches(images, variables, config, batch_size=batch_size,
+                                      progress=progress, with_index=True,
+                                      across_processes=across_processes)
     t1 = time.perf_counter()
     side = config.image_size // 4  # the patch grid (layer1); layer2 and 3 at 1/2, 1/4 of it
-    grid = (PatchGrid(len(images), side, side)
-            if len(patches) == len(images) * side * side and config.image_size % 16 == 0 else None)
-    centres, info = cluster(patches, config, grid=grid, progress=progress)
+    n_inputs = count_inputs(images, config)  # tiles: every tile is an input with its own grid
+    grid = (PatchGrid(n_inputs, side, side)
+            if len(patches) == n_inputs * side * side and config.image_size % 16 == 0 else None)
+    centres, info = cluster(patches, config, grid=grid, progress=progress,
+                            mesh=distributed.global_mesh() if across_processes else None)
     t2 = time.perf_counter()
     prototypes = np.asarray(scoring.prepare_prototypes(centres, config.normalize_prototypes))
-    info.update(num_images=len(images), num_patches=len(patches), patch_dtype=patches.dtype.name,
-                seconds_features=round(t1 - t0, 3), seconds_clustering=round(t2 - t1, 3))
-    return Model(prototypes, config, str(weights) if weights is not None else None, info=info)
+    # exemplars.locate maps a patch to a box through the center crop's geometry: in the other
+    # views (inputs are whole frames or tiles) exemplars are recorded without file and box.
+    located = images if config.view == "center_crop" else [None] * n_inputs
+    found, near = exemplars.locate(prototypes, patches, origin, located, config)
+    info.update(num_images=len(images), num_inputs=n_inputs, num_patches=len(patches), patch_dtype=patches.dtype.name,
+                seconds_features=round(t1 - t0, 3), seconds_clustering=round(t2 - t1, 3),
+                seconds_exemplars=round(time.perf_counter() - t2, 3))
+    return Model(prototypes, config, str(weights) if weights is not None else None, info=info,
+                 exemplars=found, coverage=exemplars.coverage(near.patch_sim, len(prototypes)))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -342,7 +432,48 @@ def score_images(model: Model, images: Sequence[Any], variables: dict | None = N
         res = fn(variables, prototypes, sharding.device_batch(batch))
         return res.anomaly_map, res.score, res.patch_map
 
+    if model.config.view == "tiles":
+        return _score_tiles(call, list(images), model.config,
+                            sharding.device_batch_size(batch_size), progress, skip_bad)
     (maps, scores, patch_maps), inputs, skipped = input_pipeline.score_batches(
         call, images, sharding.device_batch_size(batch_size), model.config.resize,
-        model.config.image_size, progress=progress, skip_bad=skip_bad)
+        model.config.image_size, progress=progress, skip_bad=skip_bad,
+        frame=model.config.view == "full_frame")
     return ScoredImages(maps, scores, patch_maps, inputs, skipped)
+
+
+def _score_tiles(call: Callable, images: list, config: Config, batch_size: int, progress: bool,
+                 skip_bad: bool) -> ScoredImages:
+    """The tiles view (docs/METHOD.md section 5): tiles of all images batched through ``call``;
+    an image's tile maps are stitched (``views.stitch``, the mean over overlaps) as soon as its
+    last tile is scored. Its map is the stitched map resampled to ``s x s`` (the evaluation
+    resolution), its score the max of the stitched map (``smoothed_max``) or the max of its
+    tiles' patch maxima (``patch_max``)."""
+    if not images:
+        raise SettingsError("no images to score; pass at least one image")
+    s = config.image_size
+    pending: dict[Path, list] = {}
+    maps, scores, frames, inputs, skipped = [], [], [], [], []
+    with Progress("scoring (tiles)", len(images), "img", progress) as bar:
+        try:
+            for batch, rows in view_batches(images, batch_size, config, skip_bad=skip_bad,
+                                            skipped=skipped):
+                tile_maps, tile_scores, _ = jax.device_get(call(batch))
+                for row, m, score in zip(rows, tile_maps, tile_scores):  # padding rows dropped
+                    done = pending.setdefault(row.path, [])
+                    done.append((np.asarray(m), float(score)))
+                    if len(done) < row.layout.num_tiles:
+                        continue
+                    del pending[row.path]
+                    frame = views.stitch(np.stack([d[0] for d in done]), row.layout)
+                    frames.append(frame)
+                    maps.append(views.resample(frame, s, s))
+                    scores.append(frame.max() if config.image_score == "smoothed_max"
+                                  else max(d[1] for d in done))
+                    inputs.append(row.path)
+                    bar.update(1)
+        except BadImageError as e:
+            e.skippable = True  # skip_bad=True would have skipped it
+            raise
+    input_pipeline.check_any_scored(inputs, skipped)
+    return ScoredImages(np.stack(maps), np.asarray(scores, np.float32), None, inputs, skipped, frames)

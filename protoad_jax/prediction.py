@@ -7,7 +7,8 @@ Every file is written atomically. Under the output folder ``O``:
       ``regions`` (number of defect regions of an anomalous image, else empty);
   ``overlays/<name>.png``  the crop the model scored | heatmap over it, the defect regions
       outlined in white (the original-resolution mask brought into the crop frame by the same
-      NEAREST resize and crop as ground-truth masks);
+      NEAREST resize and crop as ground-truth masks); in the ``full_frame`` and ``tiles`` views
+      the original image | heatmap over it, at the original resolution;
   ``masks/<name>.png``  per anomalous image: the defect mask at the original image size, 8-bit
       grayscale, 255 = defect;
   ``regions.json``  per anomalous image: ``path``, ``score``, ``threshold``, ``image_size``
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -38,6 +39,15 @@ REGIONS_NOTES = {
                        "outside crop_box are not scored and are never part of a region",
     "region_rule": "8-connected pixels whose anomaly score, bilinearly upsampled from the "
                    "scored crop to the original resolution, is above the threshold",
+}
+
+# The full_frame and tiles views score every pixel (docs/METHOD.md section 5).
+FRAME_NOTES = {
+    "unscored_pixels": "none: the model scores the whole image (full_frame or tiles view); "
+                       "crop_box is the whole image",
+    "region_rule": "8-connected pixels whose anomaly score, resampled from the map of the whole "
+                   "image (full_frame: the s x s map; tiles: the stitched tile maps) to the "
+                   "original resolution, is above the threshold",
 }
 
 
@@ -105,7 +115,8 @@ def output_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
 
 def write_predictions(out_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
                       scored: ScoredImages, threshold: float | None, *, root: str | os.PathLike,
-                      resize: int, crop: int) -> Summary:
+                      resize: int, crop: int, view: str = "center_crop",
+                      explainer: Any = None) -> Summary:
     """Writes predictions.csv, overlays, masks and regions.json (module docstring) for ``paths``.
 
     Args:
@@ -115,12 +126,22 @@ def write_predictions(out_dir: str | os.PathLike, paths: Sequence[str | os.PathL
       threshold: image-score threshold, or None (no decisions, no regions).
       root: the input file or folder (names the outputs).
       resize, crop: the preprocessing the maps came from (``Config.resize``, ``Config.image_size``).
+      view: ``Config.view``. In ``full_frame`` and ``tiles`` the maps cover the whole image
+        (``tiles``: ``scored.frames``, the stitched maps), regions come from
+        ``regions.find_frame_regions`` and the overlays are at the original resolution (the
+        image | the upsampled heatmap), nothing unscored.
+      explainer: ``explain.Explainer`` or None: each region of regions.json gets its
+        ``explanation`` (nearest prototype, similarity, exemplar) and each anomalous image a
+        ``closest/<name>.png`` (region crop | exemplar crop, "closest normal look").
 
     Returns:
       The ``Summary``; its rows are also what predictions.csv holds.
     """
     out = Path(out_dir)
-    results = {Path(p): (float(s), m) for p, s, m in zip(scored.inputs, scored.scores, scored.maps)}
+    frames = scored.frames if scored.frames is not None else scored.maps  # maps over the whole image
+    results = {Path(p): (float(s), m, f) for p, s, m, f in
+               zip(scored.inputs, scored.scores, scored.maps, frames)}
+    whole = view != "center_crop"
     reasons = {Path(s.path): s.reason for s in scored.skipped}
     vmin, vmax = float(scored.maps.min()), float(scored.maps.max())
     rows, found = [], []
@@ -128,28 +149,37 @@ def write_predictions(out_dir: str | os.PathLike, paths: Sequence[str | os.PathL
         if p in reasons:
             rows.append(Prediction(p, f"skipped: {reasons[p]}", None, "", None))
             continue
-        score, m = results[p]
+        score, m, frame = results[p]
         decision = verdict(score, threshold)
         name = output_name(p, root)
         outlined = None
         n_regions = None
         if decision == "yes":
-            res = regions.find_regions(m, threshold, *preprocess.image_size(p), resize, crop)
+            res = (regions.find_frame_regions(frame, threshold, *preprocess.image_size(p)) if whole
+                   else regions.find_regions(m, threshold, *preprocess.image_size(p), resize, crop))
             mask_rel = f"masks/{name}.png"
             mask_png = Image.fromarray(res.mask.astype(np.uint8) * 255, "L")
             report.save_png(mask_png, out / mask_rel)
             found.append(_image_entry(p, score, threshold, res, mask_rel))
-            outlined = preprocess.preprocess_mask(mask_png, resize, crop)
+            if explainer is not None:  # protoad_jax.explain: the normal look each region missed
+                explainer.annotate(found[-1], p, res, out, f"closest/{name}.png")
+            outlined = res.mask if whole else preprocess.preprocess_mask(mask_png, resize, crop)
             n_regions = len(res.regions)
         title = f"{p.name} score {score:.4f}" + (
             "" if threshold is None else f" ({decision}, t={threshold:.4f}"
             + ("" if n_regions is None else f", {n_regions} regions") + ")")
-        image = preprocess.preprocess_image(p, resize, crop)
+        if whole:  # the original image and its map at the original resolution
+            image = preprocess.preprocess_original(p)
+            m = regions.upsample_frame(frame, image.shape[1], image.shape[0])
+        else:
+            image = preprocess.preprocess_image(p, resize, crop)
         report.save_png(report.panel(image, m, None, title, vmin, vmax, regions=outlined),
                         out / "overlays" / f"{name}.png")
         rows.append(Prediction(p, "ok", score, decision, n_regions))
     fileio.write_csv(out / "predictions.csv", CSV_COLUMNS, [r.csv_row() for r in rows])
-    fileio.write_json(out / "regions.json", {"threshold": threshold, **REGIONS_NOTES, "images": found})
+    notes = dict(REGIONS_NOTES, **(FRAME_NOTES if whole else {}))
+    fileio.write_json(out / "regions.json", {"threshold": threshold, "view": view, **notes,
+                                             "images": found})
     return Summary(rows, threshold)
 
 

@@ -3,23 +3,27 @@
 docs/METHOD.md section 1: ``Image.open(p).convert("RGB")`` -> ``Resize(256, LANCZOS)`` ->
 ``CenterCrop(224)`` -> ``ToTensor`` -> ``Normalize(ImageNet)``, returned HWC as numpy float32
 (``[crop, crop, 3]``). Masks follow docs/METHOD.md section 3: NEAREST resize, same crop, ``> 0``.
+The other views (docs/METHOD.md section 5): ``preprocess_frame`` (whole image), ``preprocess_tiles``.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from protoad_jax import views
 from protoad_jax.config import IMAGENET_MEAN, IMAGENET_STD
-from protoad_jax.errors import BadImageError, SettingsError
+from protoad_jax.errors import BadImageError, DatasetError, SettingsError
 
 _MEAN = np.asarray(IMAGENET_MEAN, np.float32)
 _STD = np.asarray(IMAGENET_STD, np.float32)
 # 16-bit grayscale modes. convert("RGB") saturates them to 255 (the reference would see a white
 # image), so they are rescaled 0..65535 -> 0..255 instead; 8-bit images are untouched.
 _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 
 
 def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
@@ -103,10 +107,64 @@ def preprocess_image(path_or_pil: str | os.PathLike | Image.Image, resize: int =
     size = resized_size(*img.size, resize)
     if size != img.size:  # torchvision returns the image untouched when the size already matches
         img = img.resize(size, Image.LANCZOS)
-    img = img.crop(crop_box(*img.size, crop))
-    # ToTensor then Normalize, all in float32 as torch does them: x / 255, (x - mean) / std.
+    return normalize(img.crop(crop_box(*img.size, crop)))
+
+
+def normalize(img: Image.Image) -> np.ndarray:
+    """An RGB image as ``[h, w, 3]`` float32: ``ToTensor`` then ``Normalize(ImageNet)``, in
+    float32 as torch does them (``x / 255``, ``(x - mean) / std``), HWC."""
     x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)
     return (x - _MEAN) / _STD
+
+
+def preprocess_original(path_or_pil: str | os.PathLike | Image.Image) -> np.ndarray:
+    """The whole image at its original resolution, ``[height, width, 3]`` float32 normalised like
+    ``preprocess_image`` (the frame views' overlays)."""
+    return normalize(to_rgb(path_or_pil if isinstance(path_or_pil, Image.Image)
+                            else open_image(path_or_pil)))
+
+
+def preprocess_frame(path_or_pil: str | os.PathLike | Image.Image, size: int = 224) -> np.ndarray:
+    """The ``full_frame`` view (docs/METHOD.md section 5): the whole image resized to
+    ``size x size`` with PIL ``LANCZOS`` (the reference's resize filter; the aspect ratio is not
+    kept, nothing is cropped), normalised like ``preprocess_image``.
+
+    Returns:
+      ``[size, size, 3]`` float32.
+
+    Raises:
+      BadImageError: the file is missing or cannot be decoded.
+    """
+    img = to_rgb(path_or_pil if isinstance(path_or_pil, Image.Image) else open_image(path_or_pil))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.LANCZOS)
+    return normalize(img)
+
+
+def preprocess_tiles(path_or_pil: str | os.PathLike | Image.Image, size: int, tile_size: int,
+                     tile_overlap: int, tile_image_size: int | None
+                     ) -> tuple[np.ndarray, views.TileLayout]:
+    """The ``tiles`` view (docs/METHOD.md section 5): the image (long side first resized to
+    ``tile_image_size`` with PIL ``LANCZOS`` when set) cut into ``views.tile_layout``'s tiles,
+    each resized to ``size x size`` with ``LANCZOS`` and normalised like ``preprocess_image``.
+
+    Returns:
+      ``(tiles [num_tiles, size, size, 3] float32 in layout.boxes order, layout)``.
+
+    Raises:
+      BadImageError: the file is missing or cannot be decoded.
+      views.TileError: a tile is larger than the (resized) image.
+    """
+    img = to_rgb(path_or_pil if isinstance(path_or_pil, Image.Image) else open_image(path_or_pil))
+    what = "image" if isinstance(path_or_pil, Image.Image) else f"image file {path_or_pil}"
+    layout = views.tile_layout(*img.size, tile_size, tile_overlap, tile_image_size, what)
+    if img.size != (layout.tiled_width, layout.tiled_height):
+        img = img.resize((layout.tiled_width, layout.tiled_height), Image.LANCZOS)
+    tiles = []
+    for box in layout.boxes:
+        tile = img.crop(box)
+        tiles.append(normalize(tile if tile_size == size else tile.resize((size, size), Image.LANCZOS)))
+    return np.stack(tiles), layout
 
 
 def mask_image(path_or_pil: str | os.PathLike | Image.Image) -> Image.Image:
@@ -119,10 +177,43 @@ def mask_image(path_or_pil: str | os.PathLike | Image.Image) -> Image.Image:
     Raises:
       BadImageError: the file is missing or cannot be decoded.
     """
+    if not isinstance(path_or_pil, Image.Image) and os.path.isdir(path_or_pil):
+        return _union_mask(path_or_pil)
     img = path_or_pil if isinstance(path_or_pil, Image.Image) else open_image(path_or_pil)
     if img.mode in ("1", "L", "RGB", "F") or img.mode in _WIDE_MODES:
         return img
     return img.convert("L") if img.mode == "LA" else img.convert("RGB")
+
+
+def mask_files(path: str | os.PathLike) -> list[Path]:
+    """A mask file as ``[path]``, or a folder's mask files sorted by name: MVTec LOCO keeps one
+    file per defect of a test image (``ground_truth/<type>/<stem>/000.png, 001.png, ...``), and
+    the image's mask is their union (``mask_image`` of the folder).
+
+    Raises:
+      DatasetError: the folder holds no mask files.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    found = sorted((p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MASK_SUFFIXES
+                    and not p.name.startswith(".")), key=lambda p: p.name)
+    if not found:
+        raise DatasetError(f"mask folder {path} holds no mask files ({', '.join(MASK_SUFFIXES)}); "
+                           "restore them from the downloaded archive")
+    return found
+
+
+def _union_mask(folder: str | os.PathLike) -> Image.Image:
+    """The union of a folder's masks (any non-zero pixel of any file) as an ``L`` image, 255 = defect."""
+    files = mask_files(folder)
+    masks = [binarize_mask(mask_image(f)) for f in files]
+    for f, m in zip(files[1:], masks[1:]):
+        if m.shape != masks[0].shape:
+            raise DatasetError(f"mask {f} is {m.shape[1]}x{m.shape[0]} but {files[0]} in the same "
+                               f"folder is {masks[0].shape[1]}x{masks[0].shape[0]} (width x height); "
+                               "the masks of one image must have its size")
+    return Image.fromarray(np.logical_or.reduce(masks).astype(np.uint8) * 255)
 
 
 def binarize_mask(img: Image.Image) -> np.ndarray:
@@ -150,6 +241,20 @@ def preprocess_mask(path_or_pil: str | os.PathLike | Image.Image, resize: int = 
     if size != img.size:
         img = img.resize(size, Image.NEAREST)
     return binarize_mask(img.crop(crop_box(*img.size, crop)))
+
+
+def preprocess_frame_mask(path_or_pil: str | os.PathLike | Image.Image, size: int = 224) -> np.ndarray:
+    """A ground-truth mask for the ``full_frame`` and ``tiles`` views: the whole mask resized to
+    ``size x size`` with PIL NEAREST (no crop; the evaluation resolution, docs/METHOD.md
+    section 5), ``> 0``.
+
+    Returns:
+      ``[size, size]`` bool.
+    """
+    img = mask_image(path_or_pil)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.NEAREST)
+    return binarize_mask(img)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -16,6 +16,10 @@ covers only the crop window; this module maps it back onto the original pixels:
      8-connected regions (``scipy.ndimage.label``), each with its area, bounding box, peak score
      and centroid in original pixel coordinates.
 
+The ``full_frame`` and ``tiles`` views score the whole image (docs/METHOD.md section 5): their
+map covers the whole frame, ``find_frame_regions`` brings it to the original resolution
+(``upsample_frame``) and nothing is unscored.
+
 Boxes are ``[x0, y0, x1, y1]`` in original pixels with ``x1``, ``y1`` exclusive (PIL's box
 convention: ``image.crop(box)`` cuts the region out).
 """
@@ -27,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from protoad_jax import preprocess
+from protoad_jax import preprocess, views
 
 EIGHT_CONNECTED = np.ones((3, 3), bool)
 
@@ -125,22 +129,24 @@ class Region(NamedTuple):
     """One 8-connected defect region, in original pixel coordinates.
 
     ``area``: pixels; ``box``: ``(x0, y0, x1, y1)``, ``x1``/``y1`` exclusive; ``peak``: the
-    highest upsampled score in it; ``centroid``: ``(x, y)``, the mean column and row of its pixels.
+    highest upsampled score in it; ``centroid``: ``(x, y)``, the mean column and row of its pixels;
+    ``peak_at``: ``(x, y)``, the pixel of the peak (the first in row-major order on ties).
     """
 
     area: int
     box: tuple[int, int, int, int]
     peak: float
     centroid: tuple[float, float]
+    peak_at: tuple[int, int] = (-1, -1)
 
 
 class ImageRegions(NamedTuple):
     """``mask`` ``[height, width]`` bool (score above the threshold), its ``regions`` (highest
-    peak first) and the ``window`` the model scored."""
+    peak first) and the ``window`` the model scored (``FrameWindow`` in the frame views)."""
 
     mask: np.ndarray
     regions: list[Region]
-    window: CropWindow
+    window: CropWindow | FrameWindow
 
 
 def find_regions(anomaly_map: np.ndarray, threshold: float, width: int, height: int,
@@ -162,7 +168,43 @@ def find_regions(anomaly_map: np.ndarray, threshold: float, width: int, height: 
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")
     window = crop_window(width, height, resize, crop)
-    up = upsample_to_original(anomaly_map, window)
+    return regions_above(upsample_to_original(anomaly_map, window), threshold, window)
+
+
+class FrameWindow(NamedTuple):
+    """The ``full_frame`` and ``tiles`` views' geometry: the map covers the whole original
+    ``width x height`` image, so every pixel is scored (``box`` is the whole image)."""
+
+    width: int
+    height: int
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return 0, 0, self.width, self.height
+
+
+def upsample_frame(frame_map: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A map covering the whole image (``full_frame``: ``[s, s]``; ``tiles``: the stitched
+    ``[tiled_height, tiled_width]``) at the original resolution, ``[height, width]`` float32:
+    ``views.resample`` (bilinear, half-pixel centres, edge values held; antialiased where the
+    original is smaller than the map). No pixel is NaN: the whole image was scored."""
+    return views.resample(frame_map, height, width)
+
+
+def find_frame_regions(frame_map: np.ndarray, threshold: float, width: int,
+                       height: int) -> ImageRegions:
+    """``find_regions`` for the ``full_frame`` and ``tiles`` views: the defect regions of a map
+    covering the whole ``width x height`` image (``upsample_frame``); the window is a
+    ``FrameWindow``."""
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    window = FrameWindow(int(width), int(height))
+    return regions_above(upsample_frame(frame_map, width, height), threshold, window)
+
+
+def regions_above(up: np.ndarray, threshold: float, window: CropWindow | FrameWindow) -> ImageRegions:
+    """The 8-connected regions of ``up > threshold`` (``[height, width]`` at the original
+    resolution; NaN, unscored, is never above it), highest peak first."""
     with np.errstate(invalid="ignore"):
         mask = up > threshold  # NaN (unscored) compares False
     labels, n = ndimage.label(mask, structure=EIGHT_CONNECTED)
@@ -172,7 +214,10 @@ def find_regions(anomaly_map: np.ndarray, threshold: float, width: int, height: 
     areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     peaks = ndimage.maximum(up, labels, index)
     centroids = ndimage.center_of_mass(mask, labels, index)
-    regions = [Region(int(a), (sx.start, sy.start, sx.stop, sy.stop), float(pk), (float(cx), float(cy)))
-               for a, (sy, sx), pk, (cy, cx) in zip(areas, ndimage.find_objects(labels), peaks, centroids)]
+    peaks_at = ndimage.maximum_position(up, labels, index)
+    regions = [Region(int(a), (sx.start, sy.start, sx.stop, sy.stop), float(pk), (float(cx), float(cy)),
+                      (int(px), int(py)))
+               for a, (sy, sx), pk, (cy, cx), (py, px) in zip(areas, ndimage.find_objects(labels), peaks,
+                                                              centroids, peaks_at)]
     regions.sort(key=lambda r: (-r.peak, r.box))
     return ImageRegions(mask, regions, window)

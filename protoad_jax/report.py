@@ -91,6 +91,22 @@ def panel(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None, t
     return canvas
 
 
+def pairs_panel(rows: Sequence[tuple[Image.Image, Image.Image, str]], title: str) -> Image.Image:
+    """One line per ``(left, right, caption)``: two equal-size images side by side, the caption
+    beside them, under ``title`` ("closest normal look": a region and its exemplar)."""
+    w, h = rows[0][0].size
+    line, text_w = h + 6, 420
+    canvas = Image.new("RGB", (2 * w + 12 + text_w, 18 + line * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 3), title, fill="black")
+    for i, (left, right, caption) in enumerate(rows):
+        y = 18 + i * line
+        canvas.paste(left, (0, y))
+        canvas.paste(right, (w + 4, y))
+        draw.text((2 * w + 12, y + h // 2 - 6), caption, fill="black")
+    return canvas
+
+
 def save_png(img: Image.Image, path: str | os.PathLike) -> None:
     """Writes a PNG atomically (temp file + rename)."""
     atomic_write(path, lambda f: img.save(f, format="PNG"))

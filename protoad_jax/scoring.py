@@ -200,7 +200,8 @@ def nested_shapes(grids: Sequence[tuple[np.ndarray, np.ndarray]], finest: tuple[
 
 
 def patch_scores_factored(feats: Sequence[jax.typing.ArrayLike], prototypes: jax.typing.ArrayLike,
-                          chunk_size: int | str | None = AUTO) -> jax.Array:
+                          chunk_size: int | str | None = AUTO, *, nearest: bool = False
+                          ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``patch_scores(features.embed(feats), prototypes)``, computed at each stage's own resolution.
 
     Nearest upsampling commutes with dot products (docs/METHOD.md section 1, "Factored head"):
@@ -218,9 +219,12 @@ def patch_scores_factored(feats: Sequence[jax.typing.ArrayLike], prototypes: jax
       prototypes: ``[k, c_1 + c_2 + ...]``, prepared by ``prepare_prototypes``.
       chunk_size: prototypes per scan step (running max), None for one matmul per stage, or
         ``"auto"`` (``resolve_chunk_size``: chunks of ``AUTO_CHUNK`` above that many).
+      nearest: also return each position's nearest prototype (the argmax beside the max, from
+        the same similarity block; the first index on exact ties). The plain head (False) runs
+        exactly the code it ran before the option existed.
 
     Returns:
-      ``[h_1, w_1]`` float32.
+      ``[h_1, w_1]`` float32; with ``nearest``, ``(that, index [h_1, w_1] int32)``.
 
     Raises:
       ValueError: wrong ranks, ``k == 0``, channel mismatch, or ``chunk_size < 1``.
@@ -252,26 +256,48 @@ def patch_scores_factored(feats: Sequence[jax.typing.ArrayLike], prototypes: jax
     sq = on_finest([jnp.sum(jnp.square(x), axis=-1) for x in xs])
     norm = jnp.maximum(jnp.sqrt(sq), NORM_EPS)  # [h_1, w_1]
 
-    def best_dot(protos: jax.Array) -> jax.Array:  # [kc, c] -> [h_1, w_1]
+    def dots(protos: jax.Array) -> jax.Array:  # [kc, c] -> [..., kc], on the finest grid
         sims = [jnp.einsum("hwc,kc->hwk", x, q)  # [h_l, w_l, kc] per stage
                 for x, q in zip(xs, jnp.split(protos, splits, axis=1))]
         if nested is None:
-            return jnp.max(on_finest(sims), axis=-1)
-        dots = sum(s.reshape(*shape, s.shape[-1]) for s, shape in zip(sims, nested))
-        return jnp.max(dots, axis=-1).reshape(finest)  # the max before the reshape: fused
+            return on_finest(sims)
+        return sum(s.reshape(*shape, s.shape[-1]) for s, shape in zip(sims, nested))
+
+    def best_dot(protos: jax.Array) -> jax.Array:  # [kc, c] -> [h_1, w_1]
+        return jnp.max(dots(protos), axis=-1).reshape(finest)  # the max before the reshape: fused
+
+    def best_dot_index(protos: jax.Array) -> tuple[jax.Array, jax.Array]:
+        d = dots(protos)
+        return (jnp.max(d, axis=-1).reshape(finest),
+                jnp.argmax(d, axis=-1).astype(jnp.int32).reshape(finest))
 
     k, c = p.shape
     chunk_size = resolve_chunk_size(chunk_size, k)
     if chunk_size is None or chunk_size >= k:
+        if nearest:
+            best, index = best_dot_index(p)
+            return 1.0 - best / norm, index
         return 1.0 - best_dot(p) / norm
     n_chunks = -(-k // chunk_size)
     pad = n_chunks * chunk_size - k  # copies of prototype 0 never change the max
     chunks = jnp.concatenate([p, jnp.broadcast_to(p[:1], (pad, c))]).reshape(n_chunks, chunk_size, c)
+    start = jnp.full(xs[0].shape[:2], -jnp.inf, jnp.float32)
+    if nearest:
+        def step_index(carry, chunk_and_offset):
+            (best, index), (chunk, offset) = carry, chunk_and_offset
+            m, a = best_dot_index(chunk)
+            better = m > best  # strict: an earlier chunk keeps exact ties (the pad never wins)
+            return (jnp.where(better, m, best), jnp.where(better, a + offset, index)), None
+
+        offsets = jnp.arange(n_chunks, dtype=jnp.int32) * chunk_size
+        (best, index), _ = lax.scan(step_index, (start, jnp.zeros(finest, jnp.int32)),
+                                    (chunks, offsets))
+        return 1.0 - best / norm, index
 
     def step(best, chunk):
         return jnp.maximum(best, best_dot(chunk)), None
 
-    best, _ = lax.scan(step, jnp.full(xs[0].shape[:2], -jnp.inf, jnp.float32), chunks)
+    best, _ = lax.scan(step, start, chunks)
     return 1.0 - best / norm
 
 
@@ -424,6 +450,18 @@ def score_features(feats: Sequence[jax.typing.ArrayLike], prototypes: jax.typing
     """
     return finish(patch_scores_factored(feats, prototypes, chunk_size), out_size=out_size,
                   sigma=sigma, truncate=truncate, image_score=image_score)
+
+
+def score_features_nearest(feats: Sequence[jax.typing.ArrayLike], prototypes: jax.typing.ArrayLike,
+                           *, out_size: tuple[int, int] = (224, 224), sigma: float = 4.0,
+                           truncate: float = 4.0, image_score: str = "smoothed_max",
+                           chunk_size: int | str | None = AUTO) -> tuple[ScoreResult, jax.Array]:
+    """``score_features`` and, beside it, each patch's nearest prototype: ``(ScoreResult,
+    index [h_1, w_1] int32)``, the argmax taken from the same similarity block as the max
+    (``patch_scores_factored(..., nearest=True)``); ``protoad_jax.explain`` runs it."""
+    patch_map, index = patch_scores_factored(feats, prototypes, chunk_size, nearest=True)
+    return finish(patch_map, out_size=out_size, sigma=sigma, truncate=truncate,
+                  image_score=image_score), index
 
 
 def finish(patch_map: jax.Array, *, out_size: tuple[int, int], sigma: float, truncate: float,

@@ -254,6 +254,15 @@ CASES = [
          ("nope.npz", "does not exist")),
     Case("compare_reference", "checkpoint truncated", ("--pth={truncated_pth}", M, "--images={images}"),
          ("truncated.pth",)),
+    # update
+    Case("update", "model missing", ("--model={root}/nope.npz", "--add_normal={images}",
+                                     "--output={out}/m2.npz"), ("nope.npz", "does not exist")),
+    Case("update", "model without coverage level (older file)",
+         ("--model={model}", "--add_normal={images}", "--output={out}/m2.npz"), ("model.npz", "refit")),
+    Case("update", "no images", ("--model={model}", "--add_normal={no_images}", "--output={out}/m2.npz"),
+         ("no_images", "no images")),
+    Case("update", "output is the model", ("--model={model}", "--add_normal={images}", "--output={model}"),
+         ("model.npz", "never overwritten")),
     Case("compare_reference", "no images", ("--pth={pth}", M, "--images={empty_dir}"),
          ("empty_dir", "no images")),
 ]

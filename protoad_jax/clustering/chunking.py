@@ -113,7 +113,15 @@ def replicate(x: Any, mesh: Mesh | None) -> Any:
     """``x`` (a pytree) placed on every device of ``mesh``; unchanged without a multi-device mesh."""
     if not is_sharded(mesh):
         return x
-    return jax.device_put(x, NamedSharding(mesh, P()))
+    sharding = NamedSharding(mesh, P())
+
+    def put(a):  # a mesh over several processes takes PRNG keys as their key data only
+        if sharding.is_fully_addressable or not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.device_put(a, sharding)
+        return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(a), sharding),
+                                        impl=jax.random.key_impl(a))
+
+    return jax.tree.map(put, x)
 
 
 def check_finite(name: str, a: jax.Array) -> None:

@@ -56,9 +56,22 @@ flags.DEFINE_string("calibrate_dir", None, "Folder of normal images: set the thr
 flags.DEFINE_float("calibrate_quantile", 0.99, lower_bound=1e-9, upper_bound=1.0, help="Quantile of the normal scores used as threshold.")
 flags.DEFINE_string("weights", None, "Backbone .npz (default: the one recorded in the model).")
 flags.DEFINE_bool("allow_random_weights", False, "Accept a model fitted with a random-init backbone (demo).")
-flags.DEFINE_integer("batch_size", 8, "Images per jitted call.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 8, "Images per jitted call (fewer when fewer images are given: "
+                     "one image is scored as a batch of one).", lower_bound=1)
 flags.DEFINE_bool("skip_bad_images", False, "Skip undecodable images instead of failing.")
+flags.DEFINE_enum("view", None, ["center_crop", "full_frame", "tiles"],
+                  "What is scored; default and only accepted value: the model's view (the "
+                  "prototypes were fitted on it); another one is an error.")
+flags.DEFINE_integer("tile_size", None, "tiles view: must equal the model's tile size (default).",
+                     lower_bound=1)
+flags.DEFINE_integer("tile_image_size", None, "tiles view: must equal the model's (default).",
+                     lower_bound=1)
+flags.DEFINE_integer("tile_overlap", None, "tiles view: overlap of neighbouring tiles in pixels "
+                     "(default: the model's; any value below the tile size).", lower_bound=0)
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_string("compile_cache_dir", None, "Folder of compiled programs reused by later runs "
+                    "(default $PROTOAD_COMPILE_CACHE_DIR, else ~/.cache/protoad_jax/compiled); "
+                    "empty: no cache.")
 
 
 def main(argv):
@@ -69,11 +82,14 @@ def main(argv):
         raise cli.CommandError("pass exactly one of --model=M.npz and --exported=DIR")
     if FLAGS.model and (FLAGS.runtime or FLAGS.precision):
         raise cli.CommandError("--runtime and --precision apply to --exported ONNX directories")
+    cli.enable_compile_cache(FLAGS.compile_cache_dir)
     paths = datasets.find_images(FLAGS.input)
-    scored, threshold, config = _score_exported(paths) if FLAGS.exported else _score_model(paths)
+    scored, threshold, config, explainer = (_score_exported(paths) if FLAGS.exported
+                                            else _score_model(paths))
     out = Path(FLAGS.output_dir)
     summary = prediction.write_predictions(out, paths, scored, threshold, root=FLAGS.input,
-                                           resize=config.resize, crop=config.image_size)
+                                           resize=config.resize, crop=config.image_size,
+                                           view=config.view, explainer=explainer)
     report.write_score_histogram(out / "score_histogram.png", scored.scores, threshold)
     for r in summary.rows:
         print(r.line())
@@ -93,27 +109,71 @@ def _score_exported(paths):
     threshold = FLAGS.threshold if FLAGS.threshold is not None else manifest["threshold"]["value"]
     if threshold is None:
         print("no threshold is set: pass --threshold=T; predictions.csv says 'unknown'", file=sys.stderr)
-    scored = export.score_files(scorer, manifest, paths, batch_size=FLAGS.batch_size,
+    config = export.manifest_config(manifest)
+    if config.view != "center_crop" or _view_flags():
+        raise cli.CommandError(f"{FLAGS.exported}: an exported scorer preprocesses center crops; "
+                               f"its model's view is {config.view}. Score with --model=M.npz for "
+                               "the full_frame and tiles views")
+    scored = export.score_files(scorer, manifest, paths, batch_size=_batch_size(paths),
                                 progress=FLAGS.progress, skip_bad=FLAGS.skip_bad_images)
-    return scored, threshold, export.manifest_config(manifest)
+    return scored, threshold, config, None
 
 
 def _score_model(paths):
     from protoad_jax import load_model, pipeline, weights
 
     model_path = Path(FLAGS.model)
-    model = load_model(model_path)
+    model = _with_view(load_model(model_path), model_path)
     net = weights.backbone_for_model(model, FLAGS.weights, allow_random=FLAGS.allow_random_weights)
-    kw = {"batch_size": FLAGS.batch_size, "progress": FLAGS.progress, "skip_bad": FLAGS.skip_bad_images}
+    kw = {"progress": FLAGS.progress, "skip_bad": FLAGS.skip_bad_images}
     if FLAGS.calibrate_dir:
         normal = datasets.find_images(FLAGS.calibrate_dir)
-        scored = pipeline.score_images(model, normal, net.variables, **kw)
+        scored = pipeline.score_images(model, normal, net.variables, batch_size=_batch_size(normal), **kw)
         threshold, rule = pipeline.calibrate_threshold(scored.scores, FLAGS.calibrate_quantile)
-        model = model.with_threshold(threshold, f"{rule} ({FLAGS.calibrate_dir})")
+        model = model.with_threshold(threshold, f"{rule} ({FLAGS.calibrate_dir})",
+                                     {"quantile": FLAGS.calibrate_quantile,  # for protoad update
+                                      "paths": [str(p) for p in scored.inputs]})
         model.save(model_path)
         print(f"threshold {threshold:.6f} = {rule}; {len(scored.skipped)} skipped; saved into {model_path}")
     threshold = FLAGS.threshold if FLAGS.threshold is not None else model.threshold
     if threshold is None:
         print("no threshold is set: pass --threshold=T or --calibrate_dir=NORMAL_DIR; "
               "predictions.csv says 'unknown'", file=sys.stderr)
-    return pipeline.score_images(model, paths, net.variables, **kw), threshold, model.config
+    if model.config.view == "center_crop":  # explanations map patches of the center crop
+        from protoad_jax import explain
+
+        explained = explain.nearest_maps(model, paths, net.variables, batch_size=_batch_size(paths), **kw)
+        return explained.scored, threshold, model.config, explain.Explainer(model, explained)
+    scored = pipeline.score_images(model, paths, net.variables, batch_size=_batch_size(paths), **kw)
+    return scored, threshold, model.config, None
+
+
+def _view_flags() -> dict:
+    names = ("view", "tile_size", "tile_image_size", "tile_overlap")
+    return {n: FLAGS[n].value for n in names if FLAGS[n].value is not None}
+
+
+def _with_view(model, model_path):
+    """The model with --tile_overlap applied; --view, --tile_size and --tile_image_size must
+    equal the model's: its prototypes were fitted on what that view shows, at that scale."""
+    import dataclasses
+
+    config, given = model.config, _view_flags()
+    for name in ("view", "tile_size", "tile_image_size"):
+        if name in given and given[name] != getattr(config, name):
+            raise cli.CommandError(f"--{name}={given[name]} differs from the model's {name} "
+                                   f"{getattr(config, name)!r} ({model_path}); its prototypes were "
+                                   f"fitted on that view: refit with evaluate --{name}={given[name]}, "
+                                   f"or drop --{name}")
+    if "tile_overlap" in given and config.view != "tiles":
+        raise cli.CommandError(f"--tile_overlap applies to the tiles view; the model {model_path} "
+                               f"uses {config.view}")
+    if "tile_overlap" in given:
+        config = dataclasses.replace(config, tile_overlap=given["tile_overlap"])  # SettingsError if >= tile
+        model = dataclasses.replace(model, config=config)
+    return model
+
+
+def _batch_size(paths) -> int:
+    # A batch of 8 for one image scores 7 padding rows: 0.6 s more at start-up (docs/export.md).
+    return min(FLAGS.batch_size, len(paths))

@@ -1,5 +1,6 @@
-"""Dataset folder layouts (MVTec AD, BTAD, a generic folder): which files are training, test,
-normal, anomalous, and which mask belongs to which image.
+"""Dataset folder layouts (MVTec AD, BTAD, a generic folder) and the helpers the other layouts
+(``visa``, ``mvtec_ad2``, ``mvtec_loco``) share: which files are training, test, normal,
+anomalous, and which mask belongs to which image.
 
 Readers return plain NamedTuples listing files in sorted order; nothing is decoded here
 (``protoad_jax.input_pipeline`` streams the files).
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from protoad_jax.errors import DatasetError, SettingsError
+from protoad_jax.preprocess import MASK_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -24,31 +26,44 @@ MVTEC_CATEGORIES = (
 BTAD_CATEGORIES = ("01", "02", "03")
 DATASETS = ("mvtec", "btad", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
+MASK_EXTENSIONS = MASK_SUFFIXES
 NORMAL_TYPES = ("good", "normal", "ok")
 
 class TestItem(NamedTuple):
-    """One test image. ``label`` is 0 (normal) or 1 (anomalous); ``mask_path`` is None for normal
-    images and when the dataset has no ground truth."""
+    """One test image. ``label`` is 0 (normal), 1 (anomalous) or None (a split without labels);
+    ``mask_path`` is None for normal images and when the dataset has no ground truth; it is a
+    folder of mask files for MVTec LOCO (their union is the defect)."""
 
     __test__ = False  # not a pytest test class
 
     path: Path
     defect_type: str
-    label: int
+    label: int | None
     mask_path: Path | None
 
 
 class Category(NamedTuple):
-    """One category: its normal training images and its labelled test images, sorted."""
+    """One category: its normal training images and its test images, sorted.
+
+    ``validation``: held-out normal images (MVTec AD 2, MVTec LOCO), scored after the fit to
+    calibrate the model's threshold; ``split``: the name of the split ``test`` holds;
+    ``labeled``: False when the split has no labels (its items' ``label`` is None: scored and
+    written, no metrics); ``per_type``: measure each anomalous ``defect_type`` against the
+    normal test images too (MVTec LOCO's logical and structural anomalies).
+    """
 
     name: str
     train: list[Path]
     test: list[TestItem]
     has_masks: bool
+    validation: Sequence[Path] = ()
+    split: str = "test"
+    labeled: bool = True
+    per_type: bool = False
 
 
-def _files(folder: Path, exts: Sequence[str]) -> list[Path]:
+def image_files(folder: Path, exts: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """The files of ``folder`` (not recursive) whose suffix, any case, is in ``exts``, by name."""
     return sorted((p for p in folder.iterdir()
                    if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")),
                   key=lambda p: p.name)
@@ -73,59 +88,73 @@ def find_images(path: str | os.PathLike) -> list[Path]:
     return found
 
 
-def _subdirs(folder: Path) -> list[Path]:
+def subdirs(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
                   key=lambda p: p.name)
 
 
-def _require_dir(folder: Path, what: str) -> None:
+def require_dir(folder: Path, what: str) -> None:
     if not folder.is_dir():
         raise DatasetError(f"{what} {folder} does not exist")
 
 
-def _read_layout(cat_dir: Path, train_dirs: Sequence[Path], normal_types: Sequence[str],
-                 mask_candidates: Callable[[Path, str, str], list[Path]]) -> Category:
-    """Shared reader: ``train_dirs`` of normal images, ``test/<type>/``, ``ground_truth/``."""
-    train = [p for d in train_dirs if d.is_dir() for p in _files(d, IMAGE_EXTENSIONS)]
+def read_layout(cat_dir: Path, train_dirs: Sequence[Path], normal_types: Sequence[str],
+                mask_candidates: Callable[[Path, str, str], list[Path]], *,
+                test_dir: Path | None = None, gt_dir: Path | None = None,
+                types: Sequence[str] | None = None, require_masks: bool = False,
+                is_mask: Callable[[Path], bool] = Path.is_file) -> Category:
+    """Shared reader: ``train_dirs`` of normal images, ``test/<type>/``, ``ground_truth/``.
+
+    ``test_dir`` and ``gt_dir`` default to ``cat_dir/test`` and ``cat_dir/ground_truth``;
+    ``types`` limits the test subfolders read (None: all); ``require_masks`` makes a missing
+    ``gt_dir`` an error instead of a warning; ``is_mask`` says whether a candidate exists.
+    """
+    train = [p for d in train_dirs if d.is_dir() for p in image_files(d, IMAGE_EXTENSIONS)]
     if not train:
         where = " or ".join(str(d) for d in train_dirs)
         raise DatasetError(f"no training images in {where} (expected files ending in "
                            f"{', '.join(IMAGE_EXTENSIONS)})")
-    test_dir = cat_dir / "test"
-    _require_dir(test_dir, "test folder")
-    loose = _files(test_dir, IMAGE_EXTENSIONS)
+    test_dir = cat_dir / "test" if test_dir is None else test_dir
+    require_dir(test_dir, "test folder")
+    loose = image_files(test_dir, IMAGE_EXTENSIONS)
     if loose:
         raise DatasetError(f"{test_dir} holds images directly (e.g. {loose[0].name}); put them in "
-                           f"test/<type>/ folders: {'/'.join(normal_types)} for normal images, any "
-                           "other name for anomalous ones")
-    gt_dir = cat_dir / "ground_truth"
+                           f"{test_dir.name}/<type>/ folders: {'/'.join(normal_types)} for normal "
+                           "images, any other name for anomalous ones")
+    gt_dir = cat_dir / "ground_truth" if gt_dir is None else gt_dir
     has_masks = gt_dir.is_dir()
     if not has_masks:
+        if require_masks:
+            raise DatasetError(f"ground-truth folder {gt_dir} does not exist; this layout has one "
+                               "(restore it from the downloaded archive)")
         log.warning("no ground_truth folder at %s: pixel metrics will be null", gt_dir)
     test: list[TestItem] = []
-    for type_dir in _subdirs(test_dir):
+    for type_dir in subdirs(test_dir):
+        if types is not None and type_dir.name not in types:
+            continue
         label = 0 if type_dir.name in normal_types else 1
-        for img in _files(type_dir, IMAGE_EXTENSIONS):
+        for img in image_files(type_dir, IMAGE_EXTENSIONS):
             mask = None
             if has_masks and label:
                 candidates = mask_candidates(gt_dir, type_dir.name, img.stem)
-                mask = next((c for c in candidates if c.is_file()), None)
+                mask = next((c for c in candidates if is_mask(c)), None)
                 if mask is None:
                     raise DatasetError(f"no ground-truth mask for anomalous test image {img}: "
                                        f"expected {' or '.join(map(str, candidates))}")
             test.append(TestItem(img, type_dir.name, label, mask))
     if not test:
-        raise DatasetError(f"no test images in the subfolders of {test_dir}")
+        where = f" ({'/'.join(types)})" if types is not None else ""
+        raise DatasetError(f"no test images in the subfolders{where} of {test_dir}")
     return Category(cat_dir.name, train, test, has_masks)
 
 
-def _category_dir(root: str | os.PathLike, category: str, dataset: str,
+def category_dir(root: str | os.PathLike, category: str, dataset: str,
                   known: Sequence[str]) -> Path:
     root = Path(root)
-    _require_dir(root, f"{dataset} dataset root")
+    require_dir(root, f"{dataset} dataset root")
     cat_dir = root / category
     if not (cat_dir / "train").is_dir():
-        found = [d.name for d in _subdirs(root) if (d / "train").is_dir()]
+        found = [d.name for d in subdirs(root) if (d / "train").is_dir()]
         problem = "has no train folder" if cat_dir.is_dir() else "not found"
         raise DatasetError(f"category {category!r} {problem} under {root}; categories found there: "
                            f"{found or 'none'}; known {dataset} categories: {list(known)}")
@@ -140,8 +169,8 @@ def read_mvtec(root: str | os.PathLike, category: str) -> Category:
       DatasetError: unknown category, empty train folder, missing test folder, or an anomalous
         test image without its mask (when ``ground_truth`` exists).
     """
-    cat_dir = _category_dir(root, category, "MVTec AD", MVTEC_CATEGORIES)
-    return _read_layout(cat_dir, [cat_dir / "train" / "good"], ("good",),
+    cat_dir = category_dir(root, category, "MVTec AD", MVTEC_CATEGORIES)
+    return read_layout(cat_dir, [cat_dir / "train" / "good"], ("good",),
                         lambda gt, t, stem: [gt / t / f"{stem}_mask.png"])
 
 
@@ -151,8 +180,8 @@ def read_btad(root: str | os.PathLike, category: str) -> Category:
     Raises:
       DatasetError: as ``read_mvtec``.
     """
-    cat_dir = _category_dir(root, category, "BTAD", BTAD_CATEGORIES)
-    return _read_layout(cat_dir, [cat_dir / "train" / "ok"], ("ok",),
+    cat_dir = category_dir(root, category, "BTAD", BTAD_CATEGORIES)
+    return read_layout(cat_dir, [cat_dir / "train" / "ok"], ("ok",),
                         lambda gt, t, stem: [gt / t / f"{stem}{e}" for e in (".png", ".bmp")])
 
 
@@ -165,14 +194,14 @@ def read_folder(root: str | os.PathLike) -> Category:
       DatasetError: as ``read_mvtec``.
     """
     root = Path(root)
-    _require_dir(root, "dataset folder")
+    require_dir(root, "dataset folder")
     train = root / "train"
-    _require_dir(train, "training folder")
+    require_dir(train, "training folder")
 
     def candidates(gt: Path, t: str, stem: str) -> list[Path]:
         return [gt / t / f"{stem}{suffix}{e}" for suffix in ("_mask", "") for e in MASK_EXTENSIONS]
 
-    return _read_layout(root, [train] + [train / n for n in NORMAL_TYPES], NORMAL_TYPES,
+    return read_layout(root, [train] + [train / n for n in NORMAL_TYPES], NORMAL_TYPES,
                         candidates)
 
 
@@ -184,13 +213,22 @@ def list_categories(dataset: str, root: str | os.PathLike) -> list[str]:
     if dataset not in DATASETS:
         raise SettingsError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
     root = Path(root)
-    _require_dir(root, f"{dataset} dataset root")
     if dataset == "folder":
-        _require_dir(root / "train", "training folder")
+        require_dir(root, f"{dataset} dataset root")
+        require_dir(root / "train", "training folder")
         return [root.name]
-    found = [d.name for d in _subdirs(root) if (d / "train").is_dir()]
+    return categories_under(root, dataset, MVTEC_CATEGORIES if dataset == "mvtec" else BTAD_CATEGORIES)
+
+
+def categories_under(root: Path, dataset: str, known: Sequence[str]) -> list[str]:
+    """The folders under ``root`` that have a ``train`` folder, sorted.
+
+    Raises:
+      DatasetError: ``root`` does not exist or holds no such folder (the message lists ``known``).
+    """
+    require_dir(root, f"{dataset} dataset root")
+    found = [d.name for d in subdirs(root) if (d / "train").is_dir()]
     if not found:
-        known = MVTEC_CATEGORIES if dataset == "mvtec" else BTAD_CATEGORIES
         raise DatasetError(f"no category folders (with a train/ folder) under {root}; expected "
                            f"some of {list(known)}")
     return found
