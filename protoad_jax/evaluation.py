@@ -19,6 +19,7 @@ import numpy as np
 
 from protoad_jax import (
     datasets,
+    distributed,
     fileio,
     input_pipeline,
     metrics,
@@ -121,7 +122,7 @@ def run_category(dataset: str, data_dir: str | Path | None, category: str, out_d
                  net: Backbone, *, split: str | None = None, batch_size: int = 8,
                  save_raw_maps: bool = False, skip_bad_images: bool = False, num_overlays: int = 4,
                  progress: bool = True, tfds_data_dir: str | None = None,
-                 tfds_manual_dir: str | None = None) -> dict[str, Any]:
+                 tfds_manual_dir: str | None = None, across_processes: bool = False) -> dict[str, Any]:
     """Fits on ``train``, scores ``test`` (the dataset's ``split``; None: its default), measures,
     writes ``out_dir/<category>/...``; returns the row.
 
@@ -129,6 +130,8 @@ def run_category(dataset: str, data_dir: str | Path | None, category: str, out_d
     calibrates the model's threshold on their scores (``pipeline.calibrate_threshold``'s 0.99
     quantile). A split without labels gets null metrics and a ``metrics_note``; a dataset with
     ``per_type`` gets ``per_type`` metrics too (``per_type_metrics``).
+    ``across_processes``: every process of a multi-process run calls this for the category; the
+    fit is split over them (``pipeline.fit``), and only process 0 writes the files.
     """
     check_view_dataset(dataset, config)
     inputs = datasets.load(dataset, data_dir, category, config, split=split,
@@ -136,7 +139,7 @@ def run_category(dataset: str, data_dir: str | Path | None, category: str, out_d
     cat_dir = out_dir / category
     t0 = time.perf_counter()
     model = pipeline.fit(inputs.train, net.path, config=config, variables=net.variables,
-                         batch_size=batch_size, progress=progress)
+                         batch_size=batch_size, progress=progress, across_processes=across_processes)
     t1 = time.perf_counter()
     if inputs.validation:
         val = pipeline.score_images(model, inputs.validation, net.variables, batch_size=batch_size,
@@ -175,6 +178,8 @@ def run_category(dataset: str, data_dir: str | Path | None, category: str, out_d
         "seconds_fit_total": round(t1 - t0, 3), "seconds_scoring": round(t2 - t_val, 3),
         "seconds_metrics": round(t3 - t2, 3), "backbone": net.description, "fit_info": model.info,
     }
+    if across_processes and not distributed.is_main():
+        return result  # process 0 writes the category's files
     model.save(cat_dir / "model.npz")  # after scoring: a bad test image leaves nothing behind
     result.update(write_category(cat_dir, category, test, measured, model, config,
                                  save_raw_maps=save_raw_maps, num_overlays=num_overlays))

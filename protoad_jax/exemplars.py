@@ -163,4 +163,4 @@ def coverage(patch_sim: np.ndarray, num_prototypes: int) -> dict:
     return {"level": float(np.quantile(sims, COVERAGE_QUANTILE)), "quantile": COVERAGE_QUANTILE,
             "statistic": (f"{COVERAGE_QUANTILE:g} quantile of the {len(sims)} fitted patches' "
                           "similarity to their nearest prototype"),
-            "num_patches": int(len(sims)), "num_prototypes": int(num_prototypes)}
+            "num_patches": len(sims), "num_prototypes": int(num_prototypes)}

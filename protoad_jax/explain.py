@@ -123,7 +123,7 @@ def _square(box: Sequence[int], side: float, width: int, height: int) -> tuple[i
     """A square of ``side`` (at least the box's larger side) centred on ``box``, moved inside the
     image where it fits."""
     x0, y0, x1, y1 = box
-    side = int(math.ceil(min(max(side, x1 - x0, y1 - y0), width, height)))
+    side = math.ceil(min(max(side, x1 - x0, y1 - y0), width, height))
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     left = int(np.clip(round(cx - side / 2), 0, width - side))
     top = int(np.clip(round(cy - side / 2), 0, height - side))

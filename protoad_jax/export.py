@@ -16,7 +16,8 @@ The directory appears complete or not at all (written under a temporary name, th
 artifact, and returns ``(scorer, manifest)``; it imports neither Flax nor the fitting code.
 
 ``export_scorer(..., format="onnx")`` writes the same kind of directory with ``scorer.onnx``
-(weights inside) in place of the two files above, converted by jax2onnx from the same jitted
+(weights inside, or in ``scorer.onnx.data`` beside it above 1.5 GiB, listed in the manifest as
+``"weights"``) in place of the two files above, converted by jax2onnx from the same jitted
 function; its manifest says ``"artifact_format": "onnx"`` and ``load_exported`` runs it with ONNX
 Runtime or OpenVINO (``protoad_jax.onnx_export``; the ``[deploy]`` extra).
 
@@ -242,9 +243,13 @@ def _export_onnx(model: Model, variables: dict | None, output_dir: str | os.Path
     shape = (batch, size, size, 3)
 
     def write(tmp: Path) -> None:
-        conversion = onnx_export.convert(scoring, shape, tmp / onnx_export.ARTIFACT, ExportError)
+        conversion = onnx_export.convert(scoring, shape, tmp / onnx_export.ARTIFACT,
+                                         np.asarray(prototypes), ExportError)
+        files = {"artifact": onnx_export.ARTIFACT}
+        if conversion["external_data"]:
+            files["weights"] = conversion["external_data"]
         manifest = {
-            **_manifest_common(model, "onnx", {"artifact": onnx_export.ARTIFACT}, tmp,
+            **_manifest_common(model, "onnx", files, tmp,
                                [list(shape), [batch, size, size], [batch]], ["float32"] * 3,
                                chunk_size=chunk_size, folded="batch_stats" not in variables),
             "call": "an ONNX session of scorer.onnx: input 'images' = `input`; outputs 'maps', "
@@ -365,7 +370,11 @@ def _read_manifest(folder: Path, fix: str) -> dict[str, Any]:
         raise ExportError(f"{path} has artifact_format {kind!r}; this protoad_jax reads "
                           f"{sorted(ARTIFACT_FORMATS.values())}; {fix}")
     try:
-        for key in ("artifact", "weights") if kind == "jax_export" else ("artifact",):
+        # An ONNX export lists "weights" only when they are external data beside scorer.onnx.
+        optional = () if kind == "jax_export" else ("weights",)
+        for key in ("artifact", "weights"):
+            if key in optional and key not in manifest["files"]:
+                continue
             entry = manifest["files"][key]
             if not (isinstance(entry["name"], str) and isinstance(entry["bytes"], int)
                     and isinstance(entry["sha256"], str)):
@@ -377,6 +386,12 @@ def _read_manifest(folder: Path, fix: str) -> dict[str, Any]:
                 raise TypeError("jax_export")
         elif not isinstance(manifest["onnx"], dict):
             raise TypeError("onnx")
+        elif not isinstance(manifest["model"]["num_prototypes"], int):
+            raise TypeError("model.num_prototypes")
+        elif not (manifest["onnx"].get("prototypes") is None or (
+                isinstance(manifest["onnx"]["prototypes"], dict)
+                and all(isinstance(d, list) for d in manifest["onnx"]["prototypes"].values()))):
+            raise TypeError("onnx.prototypes")
         for key in ("jax",):
             if not isinstance(manifest["versions"][key], str):
                 raise TypeError(f"versions.{key}")
@@ -495,9 +510,11 @@ def load_exported(directory: str | os.PathLike, *, runtime: str | None = None,
     ``"onnxruntime"`` (default) or ``"openvino"``, the latter at ``precision`` ``"f32"``
     (default: the live scorer's numbers), ``"bf16"`` or ``"f16"`` (OpenVINO's inference
     precision hint; faster where the CPU has the instructions, maps differ, docs/export.md).
-    Its scorer takes and returns numpy arrays; the same checks apply (the file's size and
-    sha256, the manifest against the file's input and outputs, the images). Both arguments
-    must be left None for a jax.export directory.
+    Its scorer takes and returns numpy arrays; the same checks apply (the files' sizes and
+    sha256, including external data, the manifest against the file's input and outputs and its
+    prototype count, the images). OpenVINO compiles the file once per batch size, at that
+    batch's first call, with the batch made static (faster than the symbolic batch). Both
+    arguments must be left None for a jax.export directory.
 
     Checks, in order: the manifest (format and version), each file's size and sha256 against
     the manifest, that this process's platform is among the artifact's, that this jax reads the
@@ -577,6 +594,12 @@ def _load_onnx(folder: Path, manifest: dict[str, Any], runtime: str | None, prec
 
     runtime, precision = onnx_export.check_runtime(runtime, precision, ExportError)
     artifact = _check_file(folder, manifest["files"]["artifact"], fix, (onnx_export.ARTIFACT,))
+    if "weights" in manifest["files"]:  # external data
+        _check_file(folder, manifest["files"]["weights"], fix, (onnx_export.EXTERNAL_DATA,))
+    elif (folder / onnx_export.EXTERNAL_DATA).exists():
+        raise ExportError(f"{folder / onnx_export.EXTERNAL_DATA} is not listed in "
+                          f"{folder / MANIFEST}, so it cannot be checked; the manifest was edited "
+                          f"or the file comes from another export; {fix}")
     run, found = onnx_export.session(artifact, runtime, precision, ExportError, fix)
     where = f"{folder / MANIFEST} does not match {artifact}"
     if found["names"] != ([onnx_export.INPUT], list(onnx_export.OUTPUTS)):
@@ -586,6 +609,10 @@ def _load_onnx(folder: Path, manifest: dict[str, Any], runtime: str | None, prec
     _check_io(manifest, folder, where, "file", fix, {
         "input shape": found["input"], "input dtype": found["dtype"],
         "output shapes": [found[k] for k in onnx_export.OUTPUTS]})
+    # After the runtime read it: a damaged file is the runtime's error first.
+    onnx_export.check_prototypes(artifact, manifest["onnx"].get("prototypes"),
+                                 manifest["model"]["num_prototypes"], ExportError, fix,
+                                 folder / MANIFEST)
     shape = manifest["input"]["shape"]
     image_size = int(shape[1])
     fixed = shape[0] if isinstance(shape[0], int) else None

@@ -13,7 +13,11 @@ Every file is written atomically. Under the output folder ``O``:
       grayscale, 255 = defect;
   ``regions.json``  per anomalous image: ``path``, ``score``, ``threshold``, ``image_size``
       ``[width, height]``, ``crop_box`` (the scored pixels), ``mask``, and ``regions``: ``area``,
-      ``box``, ``peak``, ``centroid`` in original pixel coordinates (``protoad_jax.regions``).
+      ``box``, ``peak``, ``centroid`` in original pixel coordinates (``protoad_jax.regions``),
+      and, with an ``explain.Explainer``, each region's ``explanation`` (nearest prototype,
+      similarity, exemplar) and the image's ``closest_look``;
+  ``closest/<name>.png``  with an explainer, per anomalous image: each region's crop beside its
+      exemplar's crop ("closest normal look", ``explain.closest_look``);
 ``<name>`` is the input's path relative to the input folder, without its suffix, ``/`` -> ``__``.
 An image is anomalous when its score is above the threshold.
 """
@@ -116,7 +120,8 @@ def output_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
 def write_predictions(out_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
                       scored: ScoredImages, threshold: float | None, *, root: str | os.PathLike,
                       resize: int, crop: int, view: str = "center_crop",
-                      explainer: Any = None) -> Summary:
+                      explainer: Any = None, value_range: tuple[float, float] | None = None,
+                      tables_dir: str | os.PathLike | None = None) -> Summary:
     """Writes predictions.csv, overlays, masks and regions.json (module docstring) for ``paths``.
 
     Args:
@@ -133,6 +138,10 @@ def write_predictions(out_dir: str | os.PathLike, paths: Sequence[str | os.PathL
       explainer: ``explain.Explainer`` or None: each region of regions.json gets its
         ``explanation`` (nearest prototype, similarity, exemplar) and each anomalous image a
         ``closest/<name>.png`` (region crop | exemplar crop, "closest normal look").
+      value_range: the overlays' colour scale ``(vmin, vmax)``; default the maps' own range
+        (a process scoring a share of the inputs passes every process's range).
+      tables_dir: where predictions.csv and regions.json go (default ``out_dir``; a process's
+        shard folder in a multi-process run, ``protoad_jax.shards``).
 
     Returns:
       The ``Summary``; its rows are also what predictions.csv holds.
@@ -143,7 +152,7 @@ def write_predictions(out_dir: str | os.PathLike, paths: Sequence[str | os.PathL
                zip(scored.inputs, scored.scores, scored.maps, frames)}
     whole = view != "center_crop"
     reasons = {Path(s.path): s.reason for s in scored.skipped}
-    vmin, vmax = float(scored.maps.min()), float(scored.maps.max())
+    vmin, vmax = value_range or (float(scored.maps.min()), float(scored.maps.max()))
     rows, found = [], []
     for p in map(Path, paths):
         if p in reasons:
@@ -176,10 +185,11 @@ def write_predictions(out_dir: str | os.PathLike, paths: Sequence[str | os.PathL
         report.save_png(report.panel(image, m, None, title, vmin, vmax, regions=outlined),
                         out / "overlays" / f"{name}.png")
         rows.append(Prediction(p, "ok", score, decision, n_regions))
-    fileio.write_csv(out / "predictions.csv", CSV_COLUMNS, [r.csv_row() for r in rows])
+    tables = out if tables_dir is None else Path(tables_dir)
+    fileio.write_csv(tables / "predictions.csv", CSV_COLUMNS, [r.csv_row() for r in rows])
     notes = dict(REGIONS_NOTES, **(FRAME_NOTES if whole else {}))
-    fileio.write_json(out / "regions.json", {"threshold": threshold, "view": view, **notes,
-                                             "images": found})
+    fileio.write_json(tables / "regions.json", {"threshold": threshold, "view": view, **notes,
+                                                "images": found})
     return Summary(rows, threshold)
 
 

@@ -8,8 +8,10 @@ nearest-prototype pass) and ``clustering`` (new prototypes); docs/update.md stat
      coverage level (``Model.coverage``, recorded at fit: ``exemplars.COVERAGE_QUANTILE``);
      the others are the uncovered patches;
   3. the uncovered patches are clustered with the model's clustering rules
-     (``clustering.cluster``) into ``ceil(uncovered / d)`` prototypes, ``d`` the fit's patches
-     per prototype (FINCH with ``num_prototypes=None``: its ``finch_level`` partition), appended
+     (``clustering.cluster``): first into ``ceil(uncovered / d)`` prototypes, ``d`` the fit's
+     patches per prototype, doubled until the new prototypes cover all but
+     ``COVERAGE_QUANTILE`` of the uncovered patches at the coverage level (capped at one per
+     patch; FINCH with ``num_prototypes=None``: its ``finch_level`` partition, once); appended
      after the old ones, which are left unchanged; their exemplars are among those patches;
   4. when the model records a calibration (``Model.calibration``), its normal images are scored
      with the updated model and the threshold is recalibrated at the same quantile;
@@ -112,8 +114,8 @@ def update(model: Model, images: Sequence[Any], variables: dict | None = None, *
     level = float(model.coverage["level"])
     near = exemplars.nearest(patches, model.prototypes)
     uncovered = np.flatnonzero(near.patch_sim < level)
-    record = {"images": len(images), "source": source, "patches": int(len(patches)),
-              "uncovered": int(len(uncovered)), "level": level,
+    record = {"images": len(images), "source": source, "patches": len(patches),
+              "uncovered": len(uncovered), "level": level,
               "coverage_statistic": model.coverage.get("statistic"),
               "prototypes_before": model.num_prototypes, "prototypes_added": 0, "seed": config.seed}
     if not len(uncovered):
@@ -121,14 +123,24 @@ def update(model: Model, images: Sequence[Any], variables: dict | None = None, *
         return Update(model, record)
     sub = patches[uncovered]
     k_new = new_prototype_count(len(sub), model.coverage, config.num_prototypes)
-    if k_new is not None and k_new >= len(sub):  # one prototype per patch: the patches themselves
-        centres, info = sub.astype(np.float32), {"clustering": "none (one prototype per patch)"}
-    else:
-        centres, info = cluster(sub, dataclasses.replace(config, num_prototypes=k_new),
-                                progress=progress)
-    added = np.asarray(scoring.prepare_prototypes(centres, config.normalize_prototypes))
-    new_exemplars, _ = exemplars.locate(added, sub, origin[uncovered], images, config)
-    record.update(prototypes_added=int(len(added)), clustering=info.get("clustering"),
+    while True:
+        if k_new is not None and k_new >= len(sub):  # one prototype per patch: the patches
+            centres, info = sub.astype(np.float32), {"clustering": "none (one prototype per patch)"}
+        else:
+            centres, info = cluster(sub, dataclasses.replace(config, num_prototypes=k_new),
+                                    progress=progress)
+        added = np.asarray(scoring.prepare_prototypes(centres, config.normalize_prototypes))
+        left = np.mean(exemplars.nearest(sub, added).patch_sim < level)
+        # Enough prototypes when the added ones cover the uncovered patches as the fit's cover
+        # its own (all but COVERAGE_QUANTILE); else twice as many (FINCH levels: as they are).
+        if k_new is None or k_new >= len(sub) or left <= exemplars.COVERAGE_QUANTILE:
+            break
+        k_new = min(2 * k_new, len(sub))
+    # As at fit: in the full_frame and tiles views exemplars have no file and box.
+    located = (images if config.view == "center_crop"
+               else [None] * pipeline.count_inputs(images, config))
+    new_exemplars, _ = exemplars.locate(added, sub, origin[uncovered], located, config)
+    record.update(prototypes_added=len(added), clustering=info.get("clustering"),
                   threshold_before=model.threshold)
     updated = dataclasses.replace(
         model, prototypes=np.concatenate([model.prototypes, added]).astype(np.float32),
@@ -141,7 +153,7 @@ def update(model: Model, images: Sequence[Any], variables: dict | None = None, *
 
 
 def new_prototype_count(uncovered: int, coverage: dict, num_prototypes: int | None) -> int | None:
-    """Prototypes for ``uncovered`` patches: the fit's density, ``ceil(uncovered * k / n)`` with
+    """The first number of prototypes tried for ``uncovered`` patches: the fit's density, ``ceil(uncovered * k / n)`` with
     ``k`` prototypes fitted on ``n`` patches (at least 1); None (FINCH's ``finch_level``
     partition) when the model was fitted with ``num_prototypes=None``."""
     if num_prototypes is None:
@@ -166,7 +178,9 @@ def _check_finite(patches: np.ndarray, origin: np.ndarray, images: list, config,
     if finite.all():
         return
     image, _, _ = exemplars.patch_origin(origin[~finite], config)
-    bad = sorted(set(image.tolist()))
+    bad = sorted(set(image.tolist()))  # inputs: images, or tiles in the tiles view
+    if config.view != "center_crop" and len(bad) and bad[-1] >= len(images):
+        bad = list(range(len(images)))  # tiles: not mapped back to images here
     names = ", ".join(str(images[i]) if isinstance(images[i], (str, os.PathLike)) else f"#{i}"
                       for i in bad[:3])
     raise UpdateError(f"the backbone features of {len(bad)} of {len(images)} new images contain "

@@ -161,3 +161,31 @@ def test_predict_unusable_cache_folder_is_one_error_line(files, tmp_path):
     assert lines[-1].startswith("error: ") and str(blocker) in lines[-1]
     assert "--compile_cache_dir=" in lines[-1]
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- the measurement
+
+
+def test_startup_breakdown_charges_each_instant_once():
+    """scripts/benchmarks/startup.py's exclusive breakdown against a sampled timeline: each
+    instant goes to the active span of highest priority, the latest started among equals."""
+    sys.path.append(str(REPO / "scripts" / "benchmarks"))
+    import startup
+
+    rng = np.random.default_rng(0)
+    labels = list(startup.COLUMNS[1:-1])
+    spans = []
+    for _ in range(40):
+        a = float(rng.uniform(0, 10))
+        spans.append((str(rng.choice(labels)), a, a + float(rng.exponential(1.0)), int(rng.integers(1, 3))))
+    got = startup._exclusive(spans, 1.0, 9.0)
+    t = np.linspace(1.0, 9.0, 200_001)[:-1] + 4e-5 / 2  # sample midpoints of 8 / 200,000 s steps
+    want = dict.fromkeys(startup.COLUMNS, 0.0)
+    for ti in t:
+        active = [s for s in spans if s[1] <= ti < s[2]]
+        best = max(active, key=lambda s: (s[3], s[1]))[0] if active else "other"
+        want[best] += 8.0 / len(t)
+    err = max(abs(got[k] - want[k]) for k in want)
+    print("max |exclusive - sampled| s:", err, "(tolerance 1e-3: the sampling step times the boundaries)")
+    assert abs(sum(got.values()) - 8.0) < 1e-9
+    assert err < 1e-3, (got, want)

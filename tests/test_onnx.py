@@ -150,6 +150,35 @@ def test_manifest_states_everything(exports, models):
     assert m["onnx"]["opset"] == onnx_export.OPSET and m["onnx"]["batch"] == "b"
 
 
+def test_external_data(models, variables, images, live, tmp_path, monkeypatch):
+    """Weights above EXTERNAL_DATA_BYTES (protobuf's 2 GiB limit, lowered here) go to
+    scorer.onnx.data, listed with its sha256; both runtimes read it; damage is refused."""
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1 << 20)
+    data = onnx_export.EXTERNAL_DATA
+    folder = export.export_scorer(models[KS[0]], variables, tmp_path / "ext", format="onnx")
+    m = json.loads((folder / export.MANIFEST).read_text())
+    assert sorted(p.name for p in folder.iterdir()) == sorted([ONNX, data, export.MANIFEST])
+    assert m["files"]["weights"]["name"] == data and m["onnx"]["external_data"] == data
+    assert m["files"]["weights"]["bytes"] == (folder / data).stat().st_size > 20e6  # resnet50 to layer3
+    assert (folder / ONNX).stat().st_size < 1e6
+    for (runtime, precision), tol in TOLERANCE.items():
+        scorer, _ = protoad_jax.load_exported(folder, runtime=runtime, precision=precision)
+        dmap, dscore = _diffs(scorer(images[:3]), live[KS[0], 3])
+        print(f"external data, {runtime} {precision}: max |map diff| {dmap:.3g}, score {dscore:.3g}")
+        assert dmap <= tol and dscore <= tol
+    for damage, pattern in ((_truncate, "truncated"), (_flip_byte, "sha256"),
+                            (lambda p: p.unlink(), "is missing")):
+        copy = Path(shutil.copytree(folder, tmp_path / f"c{damage.__name__}"))
+        damage(copy / data)
+        with pytest.raises(ExportError, match=pattern) as info:
+            protoad_jax.load_exported(copy)
+        assert str(copy / data) in str(info.value) and "re-export" in str(info.value)
+    # Without the lowered threshold the same model is one file (test_manifest_states_everything).
+    monkeypatch.undo()
+    assert "weights" not in json.loads((export.export_scorer(
+        models[KS[0]], variables, tmp_path / "one", format="onnx") / export.MANIFEST).read_text())["files"]
+
+
 def test_fixed_batch(models, variables, images, live, tmp_path):
     folder = export.export_scorer(models[KS[0]], variables, tmp_path / "b1", format="onnx", batch_size=1)
     scorer, m = protoad_jax.load_exported(folder)
@@ -213,6 +242,15 @@ CORRUPTIONS = {
         lambda d, o: _edit_manifest(d, lambda m: m.update(artifact_format="tflite")),
         export.MANIFEST, "artifact_format 'tflite'"),
     "missing scorer.onnx": (lambda d, o: (d / ONNX).unlink(), ONNX, "is missing"),
+    "scorer.onnx of another K, checksum updated": (
+        lambda d, o: (shutil.copy(o / ONNX, d / ONNX), _refresh_checksum(d)), export.MANIFEST,
+        r"the manifest's prototype initializers are \{.*\[1, 6, 256\].*\}, the file has"),
+    "manifest edited num_prototypes": (
+        lambda d, o: _edit_manifest(d, lambda m: m["model"].update(num_prototypes=7)),
+        export.MANIFEST, r"num_prototypes is 7, the file's prototypes are \[1, 6, \d+\]"),
+    "external data not in the manifest": (
+        lambda d, o: (d / onnx_export.EXTERNAL_DATA).write_bytes(b"x"), onnx_export.EXTERNAL_DATA,
+        "not listed in"),
 }
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from absl import flags
 
-from protoad_jax import cli, datasets
+from protoad_jax import cli, datasets, distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "mvtec", list(datasets.NAMES),
@@ -89,8 +89,18 @@ flags.DEFINE_string("compile_cache_dir", None, "Folder of compiled programs reus
                     "empty: no cache.")
 
 
+distributed.define_flags()
+
+
 def main(argv):
     del argv
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    with distributed.failures_as_errors():
+        _main()
+        distributed.finish()
+
+
+def _main():
     cli.enable_compile_cache(FLAGS.compile_cache_dir)
     from protoad_jax import Config, evaluation, weights
     from protoad_jax.datasets import demo
@@ -99,6 +109,9 @@ def main(argv):
     default_out = f"runs/{FLAGS.dataset}" + ("" if FLAGS.split is None else f"_{split}")
     out = Path(FLAGS.output_dir or ("demo_output" if FLAGS.demo else default_out))
     dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
+    if FLAGS.demo and distributed.process_count() > 1:
+        raise cli.CommandError("--demo runs in one process; make the data with one --demo run, "
+                               "then pass --dataset=mvtec --data_dir=<output_dir>/demo_data")
     if FLAGS.demo:
         dataset, data_dir = "mvtec", demo.make_demo_dataset(out / "demo_data", seed=FLAGS.seed)
     elif data_dir is None and not dataset.startswith("tfds:"):
@@ -129,10 +142,15 @@ def _run_all(dataset, data_dir, out, config, backbone, split):
     from protoad_jax import evaluation
 
     names = datasets.list_categories(dataset, data_dir) if FLAGS.categories == ["all"] else FLAGS.categories
+    # Several processes: categories round-robin; fewer categories than processes: each fitted by
+    # all of them together (docs/distributed.md).
+    count = distributed.process_count()
+    joint = 1 < count and len(names) < count
     results = []
-    for name in names:
+    for name in (names if count == 1 or joint else distributed.round_robin(names)):
         done = out / name / "result.json"
-        if done.exists() and not FLAGS.overwrite:
+        exists = distributed.broadcast_json(done.exists()) if joint else done.exists()  # all agree
+        if exists and not FLAGS.overwrite:
             kept = evaluation.load_result(done)
             if kept.get("split", "test") != split:
                 raise cli.CommandError(f"{done} holds results of the {kept.get('split', 'test')} "
@@ -148,7 +166,8 @@ def _run_all(dataset, data_dir, out, config, backbone, split):
                 batch_size=FLAGS.batch_size,
                 save_raw_maps=FLAGS.save_raw_maps, skip_bad_images=FLAGS.skip_bad_images,
                 num_overlays=FLAGS.num_overlays, progress=FLAGS.progress,
-                tfds_data_dir=FLAGS.tfds_data_dir, tfds_manual_dir=FLAGS.tfds_manual_dir))
+                tfds_data_dir=FLAGS.tfds_data_dir, tfds_manual_dir=FLAGS.tfds_manual_dir,
+                across_processes=joint))
         except MemoryError as e:  # the fit's checks (or an allocation) found too little memory
             raise cli.CommandError.hinted(
                 e, f"({name}) Pass --max_patches=N with a smaller N to fit on fewer patches, or a "
@@ -156,6 +175,11 @@ def _run_all(dataset, data_dir, out, config, backbone, split):
         if results[-1]["skipped_images"]:
             print(f"{name}: {len(results[-1]['skipped_images'])} unreadable test images skipped "
                   f"(status column of {out / name / 'scores.csv'})", flush=True)
+    if count > 1:  # process 0 merges once every process has finished its categories
+        distributed.barrier("evaluate: every category finished")
+        if not distributed.is_main():
+            return
+        results = [evaluation.load_result(out / name / "result.json") for name in names]
     run_settings = {**evaluation.settings(config, backbone.description), "dataset": dataset,
                     "split": split}
     summary = evaluation.summarize(results, out, run_settings, backbone.warnings)

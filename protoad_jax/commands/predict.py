@@ -17,8 +17,14 @@ anomalous yes/no, or "unknown" when no threshold is set, number of regions), O/o
 (image | heatmap with the defect regions outlined), and per anomalous image O/masks/<name>.png (the
 defect mask at the original image size) and an entry in O/regions.json (8-connected regions with
 area, bounding box, peak score and centroid in original pixel coordinates; pixels outside the
-center crop the model sees are not scored). An unreadable image stops the run with one line
+center crop the model sees are not scored; in the full_frame and tiles views every pixel is, and
+the overlays are at the original resolution). An unreadable image stops the run with one line
 naming it, unless --skip_bad_images.
+For a center_crop model each region of regions.json also has an "explanation" (the nearest
+prototype of its peak patch, the similarity and that prototype's exemplar: a training image and
+box), and O/closest/<name>.png shows each region's crop beside its exemplar's (docs/update.md).
+The model's view is used (--view, --tile_size, --tile_image_size may only repeat it; --tile_overlap
+may change it for the tiles view).
 Also O/score_histogram.png (the scored inputs' scores, with the threshold).
 Threshold rule with --calibrate_dir: the --calibrate_quantile (default 0.99) quantile of the
 image scores of the normal images in that folder (numpy linear interpolation); an image is
@@ -29,6 +35,9 @@ constants in D/manifest.json and scored by the exported artifact, without Flax; 
 the manifest's unless --threshold is given (--calibrate_dir needs --model). An ONNX directory
 (export.py --format=onnx) runs with --runtime=onnxruntime (default) or openvino, the latter at
 --precision=f32 (default), bf16 or f16.
+Compiled programs are kept in --compile_cache_dir (default $PROTOAD_COMPILE_CACHE_DIR, else
+~/.cache/protoad_jax/compiled; empty: none), so a second run starts faster (docs/export.md
+"Start-up").
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from pathlib import Path
 
 from absl import flags
 
-from protoad_jax import cli, datasets
+from protoad_jax import cli, datasets, distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model .npz written by fit()/evaluate.py (or pass --exported).")
@@ -74,8 +83,18 @@ flags.DEFINE_string("compile_cache_dir", None, "Folder of compiled programs reus
                     "empty: no cache.")
 
 
+distributed.define_flags()
+
+
 def main(argv):
     del argv
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    with distributed.failures_as_errors():
+        _main()
+        distributed.finish()
+
+
+def _main():
     from protoad_jax import prediction, report
 
     if (FLAGS.model is None) == (FLAGS.exported is None):
@@ -84,6 +103,8 @@ def main(argv):
         raise cli.CommandError("--runtime and --precision apply to --exported ONNX directories")
     cli.enable_compile_cache(FLAGS.compile_cache_dir)
     paths = datasets.find_images(FLAGS.input)
+    if distributed.process_count() > 1:
+        return _predict_share(paths)
     scored, threshold, config, explainer = (_score_exported(paths) if FLAGS.exported
                                             else _score_model(paths))
     out = Path(FLAGS.output_dir)
@@ -95,6 +116,48 @@ def main(argv):
         print(r.line())
     print(f"{summary.line()}; wrote {out / 'predictions.csv'}, {out / 'regions.json'}, {out / 'overlays'}/, "
           f"{out / 'masks'}/, {out / 'score_histogram.png'}")
+
+
+def _predict_share(paths):
+    """This process's block of the inputs: scored, its overlays and masks written, its tables in
+    its shard folder (``protoad_jax.shards``); process 0 merges every shard's tables."""
+    from protoad_jax import prediction, shards
+
+    out, index, count = Path(FLAGS.output_dir), distributed.process_index(), distributed.process_count()
+    mine = paths[distributed.block(len(paths))]
+    shard = shards.folder(out, index, count)
+    key = {"inputs": [str(p) for p in mine], "model": FLAGS.model, "exported": FLAGS.exported,
+           "threshold": FLAGS.threshold, "calibrate_dir": FLAGS.calibrate_dir,
+           "runtime": FLAGS.runtime, "precision": FLAGS.precision, "weights": FLAGS.weights}
+    done = shards.finished(shard, key)
+    if done is None and mine:
+        scored, threshold, config, explainer = (_score_exported(mine) if FLAGS.exported
+                                                else _score_model(mine))
+        mine_range = [float(scored.maps.min()), float(scored.maps.max())]
+    else:  # kept from an earlier run, or more processes than inputs (an empty shard)
+        threshold = done["threshold"] if done else None
+        mine_range = done["value_range"] if done else [float("inf"), float("-inf")]
+    ranges = distributed.allgather_json(mine_range)  # the overlays' colour scale of one process
+    value_range = (min(r[0] for r in ranges), max(r[1] for r in ranges))
+    if done is None and mine:
+        summary = prediction.write_predictions(out, mine, scored, threshold, root=FLAGS.input,
+                                               resize=config.resize, crop=config.image_size,
+                                               view=config.view, explainer=explainer,
+                                               value_range=value_range, tables_dir=shard)
+        shards.mark_done(shard, key, scored.scores, value_range, threshold)
+        for r in summary.rows:
+            print(r.line())
+    elif done is None:
+        shards.mark_empty(shard, key)
+    else:
+        print(f"process {index}: its shard finished earlier, kept ({shard / 'done.json'})")
+    found = [t for t in distributed.allgather_json(threshold) if t is not None]
+    threshold = found[0] if found else None
+    distributed.barrier("predict: every shard written")
+    if distributed.is_main():
+        summary = shards.merge(out, count, threshold)
+        print(f"{summary.line()}; wrote {out / 'predictions.csv'}, {out / 'regions.json'}, "
+              f"{out / 'overlays'}/, {out / 'masks'}/, {out / 'score_histogram.png'}")
 
 
 def _score_exported(paths):
@@ -133,7 +196,8 @@ def _score_model(paths):
         model = model.with_threshold(threshold, f"{rule} ({FLAGS.calibrate_dir})",
                                      {"quantile": FLAGS.calibrate_quantile,  # for protoad update
                                       "paths": [str(p) for p in scored.inputs]})
-        model.save(model_path)
+        if distributed.is_main():  # every process calibrates on the same images
+            model.save(model_path)
         print(f"threshold {threshold:.6f} = {rule}; {len(scored.skipped)} skipped; saved into {model_path}")
     threshold = FLAGS.threshold if FLAGS.threshold is not None else model.threshold
     if threshold is None:

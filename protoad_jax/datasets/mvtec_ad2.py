@@ -8,7 +8,8 @@ Decisions, following the dataset's own code (``mvtec_ad_2_public_offline.py``, s
   with labels and masks). ``test_private`` and ``test_private_mixed`` are scored and written
   (scores, maps, overlays) with null metrics: their ground truth is on MVTec's evaluation server.
 - ``validation/good`` is not trained on: its scores calibrate the model's threshold
-  (``evaluation.run_category``), the use the dataset's readme gives the validation set.
+  (``evaluation.run_category``). The dataset's code reads it as a split of its own and
+  prescribes no threshold rule; this one (normal images only, never the test set) is ours.
 - A mask pixel is a defect when it is non-zero (the masks are 0/255).
 """
 

@@ -2,7 +2,7 @@
 ``test/{good,logical_anomalies,structural_anomalies}``, and one folder of masks per anomalous
 test image, ``ground_truth/<type>/<stem>/000.png, 001.png, ...``.
 
-Decisions, following the dataset's readme:
+Decisions (the layout as the dataset describes it; not checked against a download here):
 
 - Each file in an image's mask folder is one defect; the image's defect is their union
   (``preprocess.mask_image`` of the folder). The masks hold per-defect grey values (for the

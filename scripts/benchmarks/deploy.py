@@ -5,7 +5,10 @@ and the anchor an anomalib user deploys: the published ProtoAD network (torchvis
 layer3, nearest-upsampled concatenation, ``F.normalize``, prototypes as 1x1 conv kernels, channel
 max, ``1 - x``: the ``[b, 56, 56]`` patch map, no upsampling or blur) exported with
 ``torch.onnx.export(dynamo=True, opset_version=18)`` and run by the same OpenVINO at the same
-precision. Batch-1 latency and images/s per batch, GFLOP/s against the machine's matmul peak.
+precision, compiled with a static batch as load_exported compiles ours (and once more as
+exported, dynamic batch, for information). Batch-1 latency and images/s per batch, GFLOP/s
+against the machine's matmul peak. --deploy_profile adds OpenVINO's per-node profile of ours
+and the anchor at batch 1.
 
 Needs the ``[deploy]`` extra plus ``onnxscript`` (the dynamo exporter).
 """
@@ -29,12 +32,17 @@ from protoad_jax.config import Config
 
 flags.DEFINE_list("deploy_batch_sizes", ["1", "8"], "deploy: batch sizes (1: latency, else img/s).")
 flags.DEFINE_integer("deploy_k", 1000, "deploy: prototype count K.")
+flags.DEFINE_bool("deploy_profile", False,
+                  "deploy: also print OpenVINO's per-node profile (PERF_COUNT) of ours and the "
+                  "anchor at batch 1, summed per node type.")
 flags.DEFINE_bool("deploy_chunked", True,
                   "deploy: also export with chunk_size=512 (the head's prototype chunks as an "
                   "ONNX Loop, what 'auto' exported before it became one matmul for ONNX) and "
                   "time it under OpenVINO.")
 
 HEAD_MACS = 56 * 56 * 256 + 28 * 28 * 512 + 14 * 14 * 1024  # factored head, per prototype
+ANCHOR = "anchor: published network, torch.onnx dynamo, OpenVINO (static batch)"
+ANCHOR_DYNAMIC = "anchor, as exported (dynamic batch)"
 
 
 def _bf16_flags() -> list[str]:
@@ -78,13 +86,32 @@ def _export_anchor(module, path: Path) -> None:
                           external_data=False, verbose=False)
 
 
-def _ov_session(path: Path, precision: str):
+def _ov_compiled(path: Path, precision: str, batch: int | None, profile: bool = False):
+    """``path`` compiled by OpenVINO at ``precision``; with ``batch`` its input reshaped to that
+    static batch first (what load_exported does per batch size)."""
     ov = onnx_export.import_deploy("openvino", RuntimeError, "the deploy benchmark")
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU",
-                                  {"INFERENCE_PRECISION_HINT": precision})
-    request = compiled.create_infer_request()
-    return lambda x: np.array(request.infer({0: x})[compiled.output(0)])
+    model = core.read_model(str(path))
+    if batch is not None:
+        model.reshape({0: [batch, *model.inputs[0].get_partial_shape()[1:].to_shape()]})
+    config = {"INFERENCE_PRECISION_HINT": precision, **({"PERF_COUNT": True} if profile else {})}
+    return core.compile_model(model, "CPU", config)
+
+
+def _ov_session(path: Path, precision: str, static: bool):
+    """``fn(x) -> first output``: the dynamic-batch model as exported, or (``static``) one
+    static-shape compile per batch size, as load_exported runs ours."""
+    compiled = {}
+
+    def run(x):
+        b = x.shape[0] if static else None
+        if b not in compiled:
+            c = _ov_compiled(path, precision, b)
+            compiled[b] = (c, c.create_infer_request())
+        c, request = compiled[b]
+        return np.array(request.infer({0: x})[c.output(0)])
+
+    return run
 
 
 def _trunk_flops(tmodel) -> float:
@@ -165,14 +192,12 @@ def run() -> list[Table]:
         _export_anchor(anchor, anchor_path)
         setup_s["anchor torch.onnx export"] = time.perf_counter() - t
         for p in precisions:
-            t = time.perf_counter()
-            run_a = _ov_session(anchor_path, p)
-            setup_s[f"anchor OpenVINO {p} load"] = time.perf_counter() - t
-            paths[("anchor: published network, torch.onnx dynamo, OpenVINO", p, "anchor")] = \
-                functools.partial(lambda r, b: r(images_nchw[:b]), run_a)
+            for static, name in ((True, ANCHOR), (False, ANCHOR_DYNAMIC)):
+                run_a = _ov_session(anchor_path, p, static)
+                paths[(name, p, "anchor")] = functools.partial(lambda r, b: r(images_nchw[:b]), run_a)
         # sanity: the anchor's f32 patch map against the PyTorch reference's
         ref = harness.torch_reference().reference_scores(tmodel, protos, torch.from_numpy(images_nchw[:1]))[0]
-        got = paths[("anchor: published network, torch.onnx dynamo, OpenVINO", "f32", "anchor")](1)
+        got = paths[(ANCHOR, "f32", "anchor")](1)
         anchor_diff = float(np.abs(got - ref).max())
         maps_j = np.asarray(scorer(images[:1])[0])
         ours_diff = {p: float(np.abs(np.asarray(
@@ -187,6 +212,8 @@ def run() -> list[Table]:
             med = harness.medians(*[functools.partial(paths[key], b) for key in keys])
             for key, s in zip(keys, med):
                 secs[(key, b)] = s
+        profile = (_profile(ours_dir / onnx_export.ARTIFACT, anchor_path, precisions)
+                   if FLAGS.deploy_profile else None)
     jax_peak = harness.matmul_gflops("float32")
     ov_peaks = {p: _ov_peak(p) for p in precisions}
     peaks = {"f32": max(jax_peak, ov_peaks["f32"]), **{p: ov_peaks[p] for p in precisions[1:]}}
@@ -197,8 +224,7 @@ def run() -> list[Table]:
                   ["path", "precision", *measure, f"GFLOP/s (b={big})", "% of peak, same precision",
                    "vs anchor, same precision", "vs JAX f32"])
     jax_key = keys[0]
-    anchor_of = {p: ("anchor: published network, torch.onnx dynamo, OpenVINO", p, "anchor")
-                 for p in precisions}
+    anchor_of = {p: (ANCHOR, p, "anchor") for p in precisions}
     for key in keys:
         name, p, kind = key
         cells = [secs[(key, b)] * 1e3 if b == 1 else b / secs[(key, b)] for b in sizes]
@@ -230,6 +256,10 @@ def run() -> list[Table]:
         ("ours scorer.onnx: export_scorer(..., format='onnx') with its default chunk_size "
          f"'auto' (one matmul per stage up to {export.ONNX_UNCHUNKED_MAX} prototypes: no ONNX "
          "Loop); chunk_size=512: the head in prototype chunks, converted to an ONNX Loop."),
+        ("OpenVINO: load_exported compiles our scorer.onnx once per batch size with that static "
+         "batch (model.reshape; the symbolic batch keeps shape arithmetic and run-time "
+         "broadcasts of the prototypes in the graph); the anchor row gets the same treatment, "
+         "its dynamic-batch row runs the file as exported. vs anchor: against the static row."),
         ("ours: make_scorer / load_exported scorers give (maps [b,224,224], scores) with the "
          "bilinear upsampling and Gaussian blur in the graph, check_images included; BatchNorm "
          "folded into the convolutions (backbone.fold_batchnorm, as weights.load_backbone does). "
@@ -244,4 +274,40 @@ def run() -> list[Table]:
          + ", ".join(f"{p} {v:.2g}" for p, v in ours_diff.items()) + "."),
         "setup s: " + ", ".join(f"{n} {v:.1f}" for n, v in setup_s.items()) + ".",
     ]
-    return [table.print()]
+    tables = [table.print()]
+    if FLAGS.deploy_profile:
+        tables.append(profile.print())
+    return tables
+
+
+def _profile(ours: Path, anchor: Path, precisions: list[str]) -> Table:
+    """OpenVINO's per-node times (PERF_COUNT), batch 1, static shapes, summed per node type and
+    implementation: where ours and the anchor spend their time."""
+    x = harness.images(1)
+    inputs = {"ours": x, "anchor": np.ascontiguousarray(x.transpose(0, 3, 1, 2))}
+    table = Table("deploy profile: OpenVINO per-node time at batch 1 (ms per call, PERF_COUNT)",
+                  ["precision", "node type", "implementation", "ours ms", "anchor ms"])
+    for p in precisions:
+        per = {}
+        for name, path in (("ours", ours), ("anchor", anchor)):
+            compiled = _ov_compiled(path, p, 1, profile=True)
+            request = compiled.create_infer_request()
+            sums: dict[tuple[str, str], float] = {}
+            for _ in range(3):
+                request.infer({0: inputs[name]})
+            rounds = max(FLAGS.repeats, 5)
+            for _ in range(rounds):
+                request.infer({0: inputs[name]})
+                for node in request.profiling_info:
+                    key = (node.node_type, node.exec_type)
+                    sums[key] = sums.get(key, 0.0) + node.real_time.total_seconds() * 1e3 / rounds
+            per[name] = sums
+        keys = sorted(set(per["ours"]) | set(per["anchor"]),
+                      key=lambda k: -max(per["ours"].get(k, 0), per["anchor"].get(k, 0)))
+        for key in keys[:12]:
+            table.add(p, *key, per["ours"].get(key, 0.0), per["anchor"].get(key, 0.0))
+        table.add(p, "all nodes", "", sum(per["ours"].values()), sum(per["anchor"].values()))
+    table.notes.append("sums of OpenVINO's profiling_info real_time, mean per call "
+                       f"over {max(FLAGS.repeats, 5)} calls after 3 warm-up calls; the 12 largest "
+                       "node types of either model, then the total.")
+    return table
