@@ -173,7 +173,8 @@ def allgather_rows(rows: np.ndarray) -> np.ndarray:
     shape, dtype = tuple(full[0]["shape"]), np.dtype(full[0]["dtype"])
     counts = [m["rows"] for m in meta]
     width = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.ascontiguousarray(rows, dtype).reshape(len(rows), -1).view(np.uint8).reshape(len(rows), width)
+    items = width // dtype.itemsize  # not -1: an empty share's rows may have any trailing shape
+    raw = np.ascontiguousarray(rows, dtype).reshape(len(rows), items).view(np.uint8).reshape(len(rows), width)
     step = max(1, GATHER_BYTES // max(width, 1))
     parts: list[list[np.ndarray]] = [[] for _ in counts]
     for s in range(0, max(counts), step):
@@ -185,6 +186,18 @@ def allgather_rows(rows: np.ndarray) -> np.ndarray:
             parts[i].append(every[i, :max(0, min(len(chunk), c - s))])
     out = np.concatenate([p for ps in parts for p in ps]) if sum(counts) else np.zeros((0, width), np.uint8)
     return out.view(dtype).reshape(sum(counts), *shape)
+
+
+def allgather_arrays(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Every process's list of arrays (any shapes, one dtype) concatenated in process order,
+    bit-exact (``allgather_rows`` of their flattened values, shapes by ``allgather_json``)."""
+    if jax.process_count() == 1:
+        return list(arrays)
+    shapes = [s for shares in allgather_json([list(a.shape) for a in arrays]) for s in shares]
+    dtype = arrays[0].dtype if arrays else np.float32
+    flat = allgather_rows(np.concatenate([np.ravel(a) for a in arrays]) if arrays else np.zeros(0, dtype))
+    ends = np.cumsum([int(np.prod(s, dtype=np.int64)) for s in shapes])
+    return [part.reshape(s) for part, s in zip(np.split(flat, ends[:-1]), shapes)]
 
 
 def barrier(name: str) -> None:

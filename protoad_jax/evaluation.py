@@ -20,6 +20,7 @@ import numpy as np
 from protoad_jax import (
     datasets,
     distributed,
+    explain,
     fileio,
     input_pipeline,
     metrics,
@@ -131,7 +132,9 @@ def run_category(dataset: str, data_dir: str | Path | None, category: str, out_d
     quantile). A split without labels gets null metrics and a ``metrics_note``; a dataset with
     ``per_type`` gets ``per_type`` metrics too (``per_type_metrics``).
     ``across_processes``: every process of a multi-process run calls this for the category; the
-    fit is split over them (``pipeline.fit``), and only process 0 writes the files.
+    fit and the scoring are split over them (``pipeline.fit``, ``pipeline.score_shared``), and
+    only process 0 measures and writes the files; the others return only ``category``,
+    ``split`` and ``skipped_images``.
     """
     check_view_dataset(dataset, config)
     inputs = datasets.load(dataset, data_dir, category, config, split=split,
@@ -143,13 +146,16 @@ def run_category(dataset: str, data_dir: str | Path | None, category: str, out_d
     t1 = time.perf_counter()
     if inputs.validation:
         val = pipeline.score_images(model, inputs.validation, net.variables, batch_size=batch_size,
-                                    progress=progress)
+                                    progress=progress, across_processes=across_processes)
         threshold, rule = pipeline.calibrate_threshold(val.scores)
         model = model.with_threshold(threshold, f"{rule} (validation/good)")
     t_val = time.perf_counter()
     test = score_test(model, inputs, net, batch_size=batch_size, progress=progress,
-                      skip_bad_images=skip_bad_images)
+                      skip_bad_images=skip_bad_images, across_processes=across_processes)
     t2 = time.perf_counter()
+    if across_processes and not distributed.is_main():  # process 0 measures and writes
+        return {"category": category, "split": inputs.split,
+                "skipped_images": [str(s.path) for s in test.scored.skipped]}
     extra: dict[str, Any] = {}
     if not inputs.labeled:
         measured = metrics.Evaluation(dict.fromkeys(METRICS), None, None, None)
@@ -178,11 +184,13 @@ def run_category(dataset: str, data_dir: str | Path | None, category: str, out_d
         "seconds_fit_total": round(t1 - t0, 3), "seconds_scoring": round(t2 - t_val, 3),
         "seconds_metrics": round(t3 - t2, 3), "backbone": net.description, "fit_info": model.info,
     }
-    if across_processes and not distributed.is_main():
-        return result  # process 0 writes the category's files
     model.save(cat_dir / "model.npz")  # after scoring: a bad test image leaves nothing behind
     result.update(write_category(cat_dir, category, test, measured, model, config,
                                  save_raw_maps=save_raw_maps, num_overlays=num_overlays))
+    if num_overlays:  # the most anomalous images' regions beside their closest normal looks
+        result["closest_looks"] = explain.report_looks(model, test.images, test.scored,
+                                                       net.variables, cat_dir, num_overlays,
+                                                       batch_size=batch_size)
     fileio.write_json(cat_dir / "result.json", result)  # last: marks the category finished
     return result
 
@@ -212,12 +220,15 @@ def per_type_metrics(items: list[datasets.TestItem], scores: np.ndarray, masks: 
 
 
 def score_test(model: Model, inputs: datasets.Inputs, net: Backbone, *, batch_size: int = 8,
-               progress: bool = True, skip_bad_images: bool = False) -> TestScores:
+               progress: bool = True, skip_bad_images: bool = False,
+               across_processes: bool = False) -> TestScores:
     """Scores a category's test images and aligns what was scored with its labels and masks
-    (images skipped as unreadable drop out of both; scores.csv keeps a row for each)."""
+    (images skipped as unreadable drop out of both; scores.csv keeps a row for each).
+    ``across_processes``: split over the processes (``pipeline.score_shared``)."""
     config = model.config
     scored = pipeline.score_images(model, inputs.test, net.variables, batch_size=batch_size,
-                                   progress=progress, skip_bad=skip_bad_images)
+                                   progress=progress, skip_bad=skip_bad_images,
+                                   across_processes=across_processes)
     reasons = {s.path: s.reason for s in scored.skipped}
     keep = [i for i, x in enumerate(inputs.test) if not isinstance(x, Path) or x not in reasons]
     items = [inputs.items[i] for i in keep]
@@ -343,6 +354,12 @@ def summarize(results: list[dict], out_dir: Path, run_settings: dict, warnings: 
                       report.Gallery(f"{cat}: most and least anomalous test images "
                                      "(image | ground truth | heatmap)",
                                      [f"{cat}/{p}" for p in r.get("overlays", [])])]
+        looks = r.get("closest_looks")
+        if looks and looks["images"]:  # explain.report_looks
+            galleries.append(report.Gallery(
+                f"{cat}: closest normal look, most anomalous test images (region | the exemplar "
+                f"of its nearest prototype; {looks['rule']})",
+                [f"{cat}/{p}" for p in looks["images"]]))
     report.write_html(out_dir / "report.html", "protoad_jax results", notes, columns,
                       rows + [mean], galleries)
     return summary

@@ -7,8 +7,10 @@ the ``[n, k]`` matrix).
 
 * The exemplar of prototype ``p_k``: the fitted patch ``x_i`` (L2-normalised) with the highest
   ``<p_k, x_i>`` among the patches the prototypes were fitted on (first index on exact ties),
-  located as training image, patch row and column, and the patch's cell in the original
-  image's pixels (``regions.crop_window``'s mapping); stored with its cosine.
+  located as training image, patch row and column (of its model input: the image, or in the
+  ``tiles`` view its tile), and the patch's cell in the original image's pixels through the
+  view's geometry (``InputWindow``: the center crop, the full-frame resize, or the tile's
+  position and scale); stored with its cosine.
 * The coverage level: from the same block, each fitted patch's similarity to its nearest
   prototype, ``max_k <p_k, x_i>`` (what the head turns into the patch score ``1 - s``); the
   level is its ``COVERAGE_QUANTILE`` quantile (docs/update.md says why this statistic).
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from protoad_jax import regions
+from protoad_jax import regions, views
 from protoad_jax.config import Config
 from protoad_jax.model import Exemplars
 from protoad_jax.preprocess import image_size
@@ -113,15 +115,55 @@ def patch_origin(index: np.ndarray, config: Config) -> tuple[np.ndarray, np.ndar
     return image, row, col
 
 
-def patch_box(width: int, height: int, row: int, col: int, config: Config) -> list[int]:
-    """The patch cell ``(row, col)`` of the scored crop as ``[x0, y0, x1, y1]`` in the original
-    ``width x height`` image's pixels (``x1``, ``y1`` exclusive; rounded outwards, clipped)."""
-    window = regions.crop_window(width, height, config.resize, config.image_size)
+class InputWindow(NamedTuple):
+    """Where one model input (the scored ``s x s`` square, ``s = image_size``) lies in its
+    original image ``path`` of ``width x height``: an input pixel ``(x, y)`` (continuous) is the
+    original pixel ``(x0 + x * sx, y0 + y * sy)``.
+
+    center_crop: the crop's offset and the resize (``regions.crop_window``); full_frame: the whole
+    image squeezed to ``s x s`` (``x0 = y0 = 0``, ``sx = width / s``, ``sy = height / s``);
+    tiles: the tile's box in the tiled image (``views.tile_layout``), scaled by ``tile / s`` and
+    by the tiled image's resize (``width / tiled_width``)."""
+
+    path: str
+    width: int
+    height: int
+    x0: float
+    y0: float
+    sx: float
+    sy: float
+
+    def to_original(self, x: float, y: float) -> tuple[float, float]:
+        return self.x0 + x * self.sx, self.y0 + y * self.sy
+
+
+def input_windows(path: str | os.PathLike, config: Config) -> list[InputWindow]:
+    """The model inputs that the image file ``path`` makes in ``config.view``, in the order
+    ``pipeline.extract_patches`` embeds them: one window, or (``tiles``) one per tile in
+    ``views.TileLayout.boxes`` order."""
+    width, height = image_size(path)
+    s = config.image_size
+    if config.view == "full_frame":
+        return [InputWindow(str(path), width, height, 0.0, 0.0, width / s, height / s)]
+    if config.view == "tiles":
+        layout = views.tile_layout(width, height, config.tile_size, config.tile_overlap,
+                                   config.tile_image_size, f"image file {path}")
+        fx, fy = width / layout.tiled_width, height / layout.tiled_height
+        return [InputWindow(str(path), width, height, x0 * fx, y0 * fy, layout.tile / s * fx,
+                            layout.tile / s * fy) for x0, y0, _, _ in layout.boxes]
+    w = regions.crop_window(width, height, config.resize, s)
+    fx, fy = w.width / w.resized_width, w.height / w.resized_height
+    return [InputWindow(str(path), width, height, w.left * fx, w.top * fy, fx, fy)]
+
+
+def patch_box(window: InputWindow, row: int, col: int, config: Config) -> list[int]:
+    """The patch cell ``(row, col)`` of an input as ``[x0, y0, x1, y1]`` in the original image's
+    pixels (``window``; ``x1``, ``y1`` exclusive; rounded outwards, clipped to the image)."""
     cell = config.image_size / (config.image_size // 4)
     x0, y0 = window.to_original(col * cell, row * cell)
     x1, y1 = window.to_original((col + 1) * cell, (row + 1) * cell)
-    return [max(0, math.floor(x0)), max(0, math.floor(y0)), min(width, math.ceil(x1)),
-            min(height, math.ceil(y1))]
+    return [max(0, math.floor(x0)), max(0, math.floor(y0)), min(window.width, math.ceil(x1)),
+            min(window.height, math.ceil(y1))]
 
 
 def locate(prototypes: np.ndarray, patches: np.ndarray, index: np.ndarray,
@@ -132,28 +174,53 @@ def locate(prototypes: np.ndarray, patches: np.ndarray, index: np.ndarray,
     Args:
       prototypes: ``[k, c]`` as the head uses them.
       patches: ``[n, c]`` the patches they were fitted on.
-      index: ``[n]`` their flat positions in ``images`` (``extract_patches(..., with_index=True)``).
+      index: ``[n]`` their flat positions among the model inputs of ``images``
+        (``extract_patches(..., with_index=True)``; tiles: every tile is an input).
       images: the images ``index`` refers to: paths, or preprocessed arrays (no path, no box).
-      config: the model's settings (patch grid and crop geometry).
+      config: the model's settings (view, patch grid and geometry: ``input_windows``).
     """
     found = nearest(patches, prototypes)
-    image, row, col = patch_origin(np.asarray(index)[found.patch_index], config)
-    paths, boxes, sizes = [], [], {}
-    for i, r, c in zip(image.tolist(), row.tolist(), col.tolist()):
-        src = images[i]
-        if not isinstance(src, (str, os.PathLike)):  # a preprocessed array: no file, no box
+    inputs, row, col = patch_origin(np.asarray(index)[found.patch_index], config)
+    windows = InputIndex(images, config)
+    paths, boxes = [], []
+    for i, r, c in zip(inputs.tolist(), row.tolist(), col.tolist()):
+        window = windows[i]
+        if window is None:  # a preprocessed array: no file, no box
             paths.append("")
             boxes.append([-1, -1, -1, -1])
             continue
-        if i not in sizes:
-            sizes[i] = image_size(src)
-        paths.append(str(src))
-        boxes.append(patch_box(*sizes[i], r, c, config))
+        paths.append(window.path)
+        boxes.append(patch_box(window, r, c, config))
     norms = np.maximum(np.linalg.norm(np.asarray(prototypes, np.float64), axis=1), 1e-12)
     cosines = (found.prototype_sim / norms).astype(np.float32)
     exemplars = Exemplars(np.array(paths, np.str_), row.astype(np.int32), col.astype(np.int32),
                           np.array(boxes, np.int32).reshape(-1, 4), cosines)
     return exemplars, found
+
+
+class InputIndex:
+    """Model input number -> its ``InputWindow`` (None for an array), reading image headers only
+    as needed (tiles: the images before it, to count their tiles)."""
+
+    def __init__(self, images: Sequence[Any], config: Config):
+        self.images, self.config = images, config
+        self.windows: list[InputWindow | None] = []
+        self.next_image = 0
+        self.cache: dict[int, InputWindow | None] = {}
+
+    def __getitem__(self, i: int) -> InputWindow | None:
+        if self.config.view != "tiles":  # one input per image
+            if i not in self.cache:
+                src = self.images[i]
+                self.cache[i] = (input_windows(src, self.config)[0]
+                                 if isinstance(src, (str, os.PathLike)) else None)
+            return self.cache[i]
+        while len(self.windows) <= i:
+            src = self.images[self.next_image]
+            self.next_image += 1
+            self.windows.extend(input_windows(src, self.config)
+                                if isinstance(src, (str, os.PathLike)) else [None])
+        return self.windows[i]
 
 
 def coverage(patch_sim: np.ndarray, num_prototypes: int) -> dict:

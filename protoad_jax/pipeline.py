@@ -160,9 +160,32 @@ def count_inputs(images: Sequence[Any], config: Config) -> int:
     check_view_inputs(images, config)
     if config.view != "tiles":
         return len(images)
-    return sum(views.tile_layout(*preprocess.image_size(p), config.tile_size, config.tile_overlap,
-                                 config.tile_image_size, f"image file {p}").num_tiles
-               for p in images)
+    return sum(_num_tiles(p, config) for p in images)
+
+
+def _num_tiles(path, config: Config) -> int:
+    return views.tile_layout(*preprocess.image_size(path), config.tile_size, config.tile_overlap,
+                             config.tile_image_size, f"image file {path}").num_tiles
+
+
+def batch_size_for(images: Sequence[Any], batch_size: int, config: Config) -> int:
+    """``batch_size`` capped at the inputs ``images`` make in ``config.view``: a batch of 8 for
+    one image would score 7 padding rows. ``tiles`` caps at the tiles (counted from the headers
+    only until there are ``batch_size``), so one image's tiles still share batches. A header
+    that cannot be read, or an image smaller than a tile, stops the count at ``batch_size``:
+    scoring reports (or skips) that file."""
+    check_view_inputs(images, config)
+    if config.view != "tiles":
+        return max(1, min(batch_size, len(images)))
+    tiles = 0
+    for p in images:
+        try:
+            tiles += _num_tiles(p, config)
+        except (BadImageError, views.TileError):
+            return batch_size
+        if tiles >= batch_size:
+            return batch_size
+    return max(1, tiles)
 
 
 def view_batches(images: Sequence[Any], batch_size: int, config: Config, *, skip_bad: bool = False,
@@ -302,10 +325,7 @@ def fit(images: Iterable[Any], weights: str | os.PathLike | None = None, cluster
                             mesh=distributed.global_mesh() if across_processes else None)
     t2 = time.perf_counter()
     prototypes = np.asarray(scoring.prepare_prototypes(centres, config.normalize_prototypes))
-    # exemplars.locate maps a patch to a box through the center crop's geometry: in the other
-    # views (inputs are whole frames or tiles) exemplars are recorded without file and box.
-    located = images if config.view == "center_crop" else [None] * n_inputs
-    found, near = exemplars.locate(prototypes, patches, origin, located, config)
+    found, near = exemplars.locate(prototypes, patches, origin, images, config)  # any view
     info.update(num_images=len(images), num_inputs=n_inputs, num_patches=len(patches), patch_dtype=patches.dtype.name,
                 seconds_features=round(t1 - t0, 3), seconds_clustering=round(t2 - t1, 3),
                 seconds_exemplars=round(time.perf_counter() - t2, 3))
@@ -414,17 +434,22 @@ def make_scorer(model: Model, variables: dict | None = None, *,
 def score_images(model: Model, images: Sequence[Any], variables: dict | None = None, *,
                  batch_size: int = 8, progress: bool = True,
                  chunk_size: int | str | None = scoring.AUTO,
-                 skip_bad: bool = False) -> ScoredImages:
+                 skip_bad: bool = False, across_processes: bool = False) -> ScoredImages:
     """Scores paths or preprocessed arrays in fixed-size batches (one compile for any count).
 
     Batches of ``batch_size`` (rounded up to a multiple of the local device count) are split
     across the local devices; variables and prototypes are replicated once per call.
+    ``across_processes``: every process of a multi-process run calls this with the same images;
+    each scores its block and every process gets the whole result (``score_shared``).
 
     Raises:
       BadImageError: an image file is missing or undecodable (``skip_bad=False``; its
         ``skippable`` is True), or every image was (``skip_bad=True``).
       SettingsError: no images.
     """
+    if across_processes and distributed.process_count() > 1:
+        return score_shared(model, images, variables, batch_size=batch_size, progress=progress,
+                            chunk_size=chunk_size, skip_bad=skip_bad)
     fn, variables, prototypes = scoring_parts(model, variables, chunk_size=chunk_size,
                                               caller="score_images")
 
@@ -440,6 +465,56 @@ def score_images(model: Model, images: Sequence[Any], variables: dict | None = N
         model.config.image_size, progress=progress, skip_bad=skip_bad,
         frame=model.config.view == "full_frame")
     return ScoredImages(maps, scores, patch_maps, inputs, skipped)
+
+
+def score_shared(model: Model, images: Sequence[Any], variables: dict | None = None, *,
+                 batch_size: int = 8, progress: bool = True,
+                 chunk_size: int | str | None = scoring.AUTO,
+                 skip_bad: bool = False) -> ScoredImages:
+    """``score_images`` split over the processes of a multi-process run (every process calls it
+    with the same images): each scores its contiguous block (``distributed.block``); maps,
+    scores, patch maps, stitched frames and skip reasons are gathered on every process in input
+    order (``distributed.allgather_rows``, bit-exact). The result is the one-process result,
+    bit for bit when each device's batch has the same size in both runs (float32 ulps
+    otherwise: XLA's CPU kernels depend on the batch shape).
+
+    A block whose every image is unreadable (``skip_bad``) is an error only when every image
+    is: then every process scores every image, so the one-process rule decides.
+
+    Raises:
+      As ``score_images``; a bad image in another process's block fails this process's gather
+      (``distributed.failures_as_errors`` turns it into one ``ProcessFailure`` line).
+    """
+    images = list(images)
+    if not images:
+        raise SettingsError("no images to score; pass at least one image")
+    mine = images[distributed.block(len(images))]
+    part, unreadable = None, False
+    if mine:
+        try:
+            part = score_images(model, mine, variables, batch_size=batch_size, progress=progress,
+                                chunk_size=chunk_size, skip_bad=skip_bad)
+        except BadImageError as e:
+            if not skip_bad or e.skippable:
+                raise
+            unreadable = True  # skip_bad, and none of this block's images could be read
+    if any(distributed.allgather_json(unreadable)):
+        return score_images(model, images, variables, batch_size=batch_size, progress=progress,
+                            chunk_size=chunk_size, skip_bad=skip_bad)
+    s, tiles = model.config.image_size, model.config.view == "tiles"
+    empty = np.zeros((0, s, s), np.float32)  # a process with no images (more processes than images)
+    maps = distributed.allgather_rows(empty if part is None else part.maps)
+    scores = distributed.allgather_rows(np.zeros(0, np.float32) if part is None else part.scores)
+    patch_maps = None if tiles else distributed.allgather_rows(empty if part is None else part.patch_maps)
+    frames = distributed.allgather_arrays(part.frames if part else []) if tiles else None
+    skipped = [input_pipeline.SkippedImage(Path(p), reason) for share in distributed.allgather_json(
+        [[str(x.path), x.reason] for x in (part.skipped if part else [])]) for p, reason in share]
+    if isinstance(images[0], (str, os.PathLike)):  # paths: scored as Path, the skipped left out
+        gone = {x.path for x in skipped}
+        inputs = [Path(p) for p in images if Path(p) not in gone]
+    else:
+        inputs = images
+    return ScoredImages(maps, scores, patch_maps, inputs, skipped, frames)
 
 
 def _score_tiles(call: Callable, images: list, config: Config, batch_size: int, progress: bool,

@@ -136,10 +136,7 @@ def update(model: Model, images: Sequence[Any], variables: dict | None = None, *
         if k_new is None or k_new >= len(sub) or left <= exemplars.COVERAGE_QUANTILE:
             break
         k_new = min(2 * k_new, len(sub))
-    # As at fit: in the full_frame and tiles views exemplars have no file and box.
-    located = (images if config.view == "center_crop"
-               else [None] * pipeline.count_inputs(images, config))
-    new_exemplars, _ = exemplars.locate(added, sub, origin[uncovered], located, config)
+    new_exemplars, _ = exemplars.locate(added, sub, origin[uncovered], images, config)
     record.update(prototypes_added=len(added), clustering=info.get("clustering"),
                   threshold_before=model.threshold)
     updated = dataclasses.replace(
@@ -177,12 +174,11 @@ def _check_finite(patches: np.ndarray, origin: np.ndarray, images: list, config,
     finite = np.isfinite(patches).all(axis=1)
     if finite.all():
         return
-    image, _, _ = exemplars.patch_origin(origin[~finite], config)
-    bad = sorted(set(image.tolist()))  # inputs: images, or tiles in the tiles view
-    if config.view != "center_crop" and len(bad) and bad[-1] >= len(images):
-        bad = list(range(len(images)))  # tiles: not mapped back to images here
-    names = ", ".join(str(images[i]) if isinstance(images[i], (str, os.PathLike)) else f"#{i}"
-                      for i in bad[:3])
+    inputs, _, _ = exemplars.patch_origin(origin[~finite], config)  # tiles: every tile an input
+    windows = exemplars.InputIndex(images, config)
+    bad = list(dict.fromkeys(f"#{i}" if windows[i] is None else windows[i].path
+                             for i in sorted(set(inputs.tolist()))))  # images, in order
+    names = ", ".join(bad[:3])
     raise UpdateError(f"the backbone features of {len(bad)} of {len(images)} new images contain "
                       f"NaN or inf (first: {names}); the backbone weights ({weights or 'given'}) "
                       "hold NaN/inf values: convert them again (protoad convert-weights) and rerun")

@@ -1,8 +1,8 @@
 """Several processes, one job (protoad_jax.distributed), with real processes: 2 processes x 2
 forced CPU devices, a localhost coordinator on a free port, gloo collectives.
 
-Oracles are one-process runs of the same commands: fit's prototypes must be bit-for-bit those of
-one process on one device; evaluate's outputs those of one process on 2 devices (each category
+Oracles are one-process runs of the same commands: fit's prototypes, and split scoring's maps,
+scores and skip reasons, must be bit-for-bit those of one process on one device; evaluate's outputs those of one process on 2 devices (each category
 is then the same computation); predict's tables exactly, its overlays to one 8-bit level (its
 shares batch the images differently: the maps agree to float32 ulps, docs/evaluation.md). A
 process killed mid-run ends the other with one error line, nothing half-written.
@@ -95,17 +95,25 @@ def _csv(path: Path) -> list[dict]:
         return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in csv.DictReader(f)]
 
 
-def test_fit_across_processes_is_bit_identical(files):
+def test_fit_and_scoring_across_processes_are_bit_identical(files):
     """FINCH on every patch (factored level 0) and on a seeded sample, k-means, the coreset:
-    prototypes of 2 processes x 2 devices == one process on one device (np.array_equal)."""
+    prototypes of 2 processes x 2 devices == one process on one device (np.array_equal).
+    Scoring split over the processes (``score_images(..., across_processes=True)``, one image
+    per device per batch in both runs): maps, scores, patch maps, tiles' stitched frames,
+    inputs and skip reasons == one process's, for blocks of 3 + 3 with an unreadable file
+    (center crop and tiles), one image (process 0 has none), and a block of unreadable files
+    only (one process would still score the other two)."""
     root, data = files
     worker = str(REPO / "tests" / "distributed_worker.py")
     images = str(data / "demo_object" / "train" / "good")
+    bad = root / "unreadable.png"
+    bad.write_bytes(b"not an image")
     t0 = time.perf_counter()
-    _one([worker, str(root / "wrn.npz"), images, str(root / "fit1.npz")], devices=1)
+    _one([worker, str(root / "wrn.npz"), images, str(bad), str(root / "fit1.npz")], devices=1)
     t1 = time.perf_counter()
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, worker, str(root / "wrn.npz"), images, str(root / "fit2.npz")],
+    procs = [subprocess.Popen([sys.executable, worker, str(root / "wrn.npz"), images, str(bad),
+                               str(root / "fit2.npz")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                        JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
@@ -118,6 +126,17 @@ def test_fit_across_processes_is_bit_identical(files):
         diff = np.abs(one[name].astype(np.float64) - two[name]).max()
         print(f"{name}: {one[name].shape}, max |diff| {diff}")
         assert np.array_equal(one[name], two[name]), name
+    scored = sorted(k for k in one.files if "/" in k)
+    assert scored == sorted(k for k in two.files if "/" in k)
+    assert {"tiles/frame_0", "one_image/patch_maps"} <= set(scored)
+    for key in scored:
+        a, b = one[key], two[key]
+        diff = np.abs(a.astype(np.float64) - b).max(initial=0) if a.dtype.kind == "f" else int((a != b).sum())
+        print(f"{key}: {a.shape}, max |diff| {diff}")
+        assert a.dtype == b.dtype and np.array_equal(a, b), key
+    assert len(one["mixed/skipped"]) == 1 and one["mixed/skipped"][0].startswith(f"{bad}: ")
+    assert len(one["unreadable_block/skipped"]) == 2
+    assert len(one["mixed/scores"]) == 5 and len(one["unreadable_block/scores"]) == 2
 
 
 def test_evaluate_and_predict_across_processes_match_one_process(files):

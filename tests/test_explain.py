@@ -153,3 +153,29 @@ def test_regions_json_has_explanations_and_closest_looks(setup, tmp_path):
     plain = explain.Explainer(old, ex).regions(test, found)
     assert all(e["exemplar"] is None and e["note"] == model.NO_EXEMPLARS for e in plain)
     assert explain.closest_look(test, found, plain, CONFIG) is None
+
+
+def test_report_looks_pair_the_most_anomalous_regions_with_exemplars(setup, tmp_path):
+    """evaluate's closest looks: the n highest scores, regions above the 0.99 quantile of all
+    map pixels (NumPy), each look written; the report shows them under one heading."""
+    from protoad_jax import evaluation
+
+    train, test, variables, fit = setup
+    images = [train[0], test, train[1]]
+    scored = pipeline.score_images(fit, images, variables, batch_size=2, progress=False)
+    looks = explain.report_looks(fit, images, scored, variables, tmp_path / "cat", n=2,
+                                 batch_size=2)
+    assert looks["threshold"] == float(np.quantile(scored.maps, 0.99))
+    top = [images[i] for i in np.argsort(-scored.scores, kind="stable")[:2]]
+    expected = []
+    for rank, path in enumerate(top, 1):
+        found = regions.find_regions(scored.maps[images.index(path)], looks["threshold"],
+                                     *preprocess.image_size(path), CONFIG.resize, CONFIG.image_size)
+        if found.regions:
+            expected.append(f"closest/most_{rank:02d}_{path.stem}.png")
+    print(f"looks {looks['images']}, expected {expected}")
+    assert expected and looks["images"] == expected
+    assert all((tmp_path / "cat" / p).exists() for p in expected)
+    evaluation.summarize([{"category": "cat", "closest_looks": looks}], tmp_path, {}, [])
+    page = (tmp_path / "report.html").read_text()
+    assert "closest normal look" in page and all(f"cat/{p}" in page for p in expected)

@@ -170,8 +170,10 @@ def test_save_load_round_trip(wrn, images, models, tmp_path):
     model = models["finch_norm"]
     path = model.save(tmp_path / "m.npz")
     with np.load(path, allow_pickle=False) as z:
-        assert sorted(z.files) == sorted(model_lib.MODEL_KEYS) == sorted(
-            ["format_version", "prototypes", "config", "meta"])
+        # A fitted model has exemplars (docs/update.md): the required arrays plus theirs.
+        assert model.exemplars is not None
+        assert sorted(z.files) == sorted(model_lib.MODEL_KEYS + model_lib.EXEMPLAR_KEYS)
+        assert sorted(model_lib.MODEL_KEYS) == sorted(["format_version", "prototypes", "config", "meta"])
         assert z["prototypes"].dtype == np.float32 and z["prototypes"].shape == (K, 1792)
         assert int(z["format_version"]) == model_lib.FORMAT_VERSION
         assert json.loads(str(z["config"])) == json.loads(model.config.to_json())
@@ -180,6 +182,9 @@ def test_save_load_round_trip(wrn, images, models, tmp_path):
     assert np.array_equal(stored.view(np.uint32), model.prototypes.view(np.uint32))
     assert np.array_equal(loaded.prototypes.view(np.uint32), model.prototypes.view(np.uint32))
     assert loaded.config == model.config
+    for field in type(model.exemplars)._fields:
+        assert np.array_equal(np.asarray(getattr(loaded.exemplars, field)),
+                              np.asarray(getattr(model.exemplars, field))), field
     assert loaded.weights == str(wrn.path) and loaded.info == json.loads(json.dumps(model.info))
     # The head uses the stored prototypes as they are: same scores bit for bit.
     x = images.jax_x[:B]

@@ -262,3 +262,26 @@ def test_tiles_view_in_the_main_job(tmp_path, variables):
     saved = load_model(tmp_path / "out" / demo.TEXTURE / "model.npz").config
     assert dataclasses.asdict(saved) == dataclasses.asdict(config)
     assert evaluation.settings(config, "x")["view"] == "tiles"
+
+
+def test_batch_size_for_caps_at_tiles_not_images(tmp_path):
+    """predict's batch: ``batch_size`` capped at the inputs, i.e. the tiles in the tiles view
+    (oracle: ``min(batch_size, count_inputs)``); an unreadable header leaves ``batch_size``."""
+    from protoad_jax import pipeline
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(300, 200), (160, 160)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(paths[-1])
+    tiles = Config(view="tiles", tile_size=128, tile_overlap=32)
+    for images in (paths[:1], paths):
+        n = pipeline.count_inputs(images, tiles)
+        for batch in (1, 4, 8, 64):
+            got = pipeline.batch_size_for(images, batch, tiles)
+            print(len(images), "images", n, "tiles, batch", batch, "->", got)
+            assert got == min(batch, n)
+            assert pipeline.batch_size_for(images, batch, Config()) == min(batch, len(images))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG broken")
+    assert pipeline.batch_size_for([broken, *paths], 64, tiles) == 64

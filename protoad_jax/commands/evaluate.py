@@ -172,7 +172,7 @@ def _run_all(dataset, data_dir, out, config, backbone, split):
             raise cli.CommandError.hinted(
                 e, f"({name}) Pass --max_patches=N with a smaller N to fit on fewer patches, or a "
                 "--num_prototypes equal to a FINCH level.") from e
-        if results[-1]["skipped_images"]:
+        if results[-1]["skipped_images"] and (not joint or distributed.is_main()):
             print(f"{name}: {len(results[-1]['skipped_images'])} unreadable test images skipped "
                   f"(status column of {out / name / 'scores.csv'})", flush=True)
     if count > 1:  # process 0 merges once every process has finished its categories

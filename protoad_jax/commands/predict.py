@@ -24,7 +24,8 @@ For a center_crop model each region of regions.json also has an "explanation" (t
 prototype of its peak patch, the similarity and that prototype's exemplar: a training image and
 box), and O/closest/<name>.png shows each region's crop beside its exemplar's (docs/update.md).
 The model's view is used (--view, --tile_size, --tile_image_size may only repeat it; --tile_overlap
-may change it for the tiles view).
+may change it for the tiles view, for this run only: the model file keeps its overlap, and a
+threshold calibrated with another overlap is used for that run and not saved).
 Also O/score_histogram.png (the scored inputs' scores, with the threshold).
 Threshold rule with --calibrate_dir: the --calibrate_quantile (default 0.99) quantile of the
 image scores of the normal images in that folder (numpy linear interpolation); an image is
@@ -65,8 +66,8 @@ flags.DEFINE_string("calibrate_dir", None, "Folder of normal images: set the thr
 flags.DEFINE_float("calibrate_quantile", 0.99, lower_bound=1e-9, upper_bound=1.0, help="Quantile of the normal scores used as threshold.")
 flags.DEFINE_string("weights", None, "Backbone .npz (default: the one recorded in the model).")
 flags.DEFINE_bool("allow_random_weights", False, "Accept a model fitted with a random-init backbone (demo).")
-flags.DEFINE_integer("batch_size", 8, "Images per jitted call (fewer when fewer images are given: "
-                     "one image is scored as a batch of one).", lower_bound=1)
+flags.DEFINE_integer("batch_size", 8, "Images (tiles in the tiles view) per jitted call (fewer "
+                     "when fewer are given: one image is scored as a batch of one).", lower_bound=1)
 flags.DEFINE_bool("skip_bad_images", False, "Skip undecodable images instead of failing.")
 flags.DEFINE_enum("view", None, ["center_crop", "full_frame", "tiles"],
                   "What is scored; default and only accepted value: the model's view (the "
@@ -177,7 +178,7 @@ def _score_exported(paths):
         raise cli.CommandError(f"{FLAGS.exported}: an exported scorer preprocesses center crops; "
                                f"its model's view is {config.view}. Score with --model=M.npz for "
                                "the full_frame and tiles views")
-    scored = export.score_files(scorer, manifest, paths, batch_size=_batch_size(paths),
+    scored = export.score_files(scorer, manifest, paths, batch_size=_batch_size(paths, config),
                                 progress=FLAGS.progress, skip_bad=FLAGS.skip_bad_images)
     return scored, threshold, config, None
 
@@ -186,30 +187,41 @@ def _score_model(paths):
     from protoad_jax import load_model, pipeline, weights
 
     model_path = Path(FLAGS.model)
-    model = _with_view(load_model(model_path), model_path)
+    saved = load_model(model_path)
+    model = _with_view(saved, model_path)
     net = weights.backbone_for_model(model, FLAGS.weights, allow_random=FLAGS.allow_random_weights)
     kw = {"progress": FLAGS.progress, "skip_bad": FLAGS.skip_bad_images}
     if FLAGS.calibrate_dir:
         normal = datasets.find_images(FLAGS.calibrate_dir)
-        scored = pipeline.score_images(model, normal, net.variables, batch_size=_batch_size(normal), **kw)
+        scored = pipeline.score_images(model, normal, net.variables,
+                                       batch_size=_batch_size(normal, model.config), **kw)
         threshold, rule = pipeline.calibrate_threshold(scored.scores, FLAGS.calibrate_quantile)
         model = model.with_threshold(threshold, f"{rule} ({FLAGS.calibrate_dir})",
                                      {"quantile": FLAGS.calibrate_quantile,  # for protoad update
                                       "paths": [str(p) for p in scored.inputs]})
-        if distributed.is_main():  # every process calibrates on the same images
-            model.save(model_path)
-        print(f"threshold {threshold:.6f} = {rule}; {len(scored.skipped)} skipped; saved into {model_path}")
+        if model.config != saved.config:  # --tile_overlap: the file keeps its own settings
+            print(f"threshold {threshold:.6f} = {rule}; {len(scored.skipped)} skipped; used for "
+                  f"this run only, not saved: it was calibrated with --tile_overlap="
+                  f"{model.config.tile_overlap}, {model_path} uses {saved.config.tile_overlap}")
+        else:
+            if distributed.is_main():  # every process calibrates on the same images
+                model.save(model_path)
+            print(f"threshold {threshold:.6f} = {rule}; {len(scored.skipped)} skipped; saved into {model_path}")
     threshold = FLAGS.threshold if FLAGS.threshold is not None else model.threshold
     if threshold is None:
         print("no threshold is set: pass --threshold=T or --calibrate_dir=NORMAL_DIR; "
               "predictions.csv says 'unknown'", file=sys.stderr)
-    if model.config.view == "center_crop":  # explanations map patches of the center crop
-        from protoad_jax import explain
+    from protoad_jax import explain
 
-        explained = explain.nearest_maps(model, paths, net.variables, batch_size=_batch_size(paths), **kw)
+    if model.config.view == "center_crop":  # the index map beside the max, in the one pass
+        explained = explain.nearest_maps(model, paths, net.variables,
+                                         batch_size=_batch_size(paths, model.config), **kw)
         return explained.scored, threshold, model.config, explain.Explainer(model, explained)
-    scored = pipeline.score_images(model, paths, net.variables, batch_size=_batch_size(paths), **kw)
-    return scored, threshold, model.config, None
+    scored = pipeline.score_images(model, paths, net.variables, batch_size=_batch_size(paths, model.config),
+                                   **kw)
+    # full_frame, tiles: the inputs under each region's peak scored again with the index map
+    return scored, threshold, model.config, explain.ViewExplainer(model, net.variables,
+                                                                  FLAGS.batch_size)
 
 
 def _view_flags() -> dict:
@@ -238,6 +250,11 @@ def _with_view(model, model_path):
     return model
 
 
-def _batch_size(paths) -> int:
-    # A batch of 8 for one image scores 7 padding rows: 0.6 s more at start-up (docs/export.md).
-    return min(FLAGS.batch_size, len(paths))
+def _batch_size(paths, config) -> int:
+    # A batch of 8 for one image scores 7 padding rows: 0.6 s more at start-up (docs/export.md);
+    # the tiles view caps at the tiles, not the images (one image's tiles share batches).
+    if config.view != "tiles":  # the exported path stays free of the pipeline import (start-up)
+        return min(FLAGS.batch_size, len(paths))
+    from protoad_jax import pipeline
+
+    return pipeline.batch_size_for(paths, FLAGS.batch_size, config)
