@@ -167,7 +167,8 @@ def patch_box(window: InputWindow, row: int, col: int, config: Config) -> list[i
 
 
 def locate(prototypes: np.ndarray, patches: np.ndarray, index: np.ndarray,
-           images: Sequence[Any], config: Config) -> tuple[Exemplars, Nearest]:
+           images: Sequence[Any], config: Config, found: Nearest | None = None
+           ) -> tuple[Exemplars, Nearest]:
     """The exemplars of ``prototypes`` among ``patches`` (fitted from ``images``, origins
     ``index``), and the pass's ``Nearest`` (its ``patch_sim`` gives the coverage level).
 
@@ -178,8 +179,9 @@ def locate(prototypes: np.ndarray, patches: np.ndarray, index: np.ndarray,
         (``extract_patches(..., with_index=True)``; tiles: every tile is an input).
       images: the images ``index`` refers to: paths, or preprocessed arrays (no path, no box).
       config: the model's settings (view, patch grid and geometry: ``input_windows``).
+      found: ``nearest(patches, prototypes)`` when the caller has it already.
     """
-    found = nearest(patches, prototypes)
+    found = nearest(patches, prototypes) if found is None else found
     inputs, row, col = patch_origin(np.asarray(index)[found.patch_index], config)
     windows = InputIndex(images, config)
     paths, boxes = [], []

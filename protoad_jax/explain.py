@@ -107,12 +107,16 @@ def explanation(row: int, col: int, patch_map: np.ndarray, nearest: np.ndarray,
     return {**out, "exemplar": model.exemplars.entry(k)}
 
 
-class Explainer(NamedTuple):
+class Explainer:
     """Explanations for images scored by ``nearest_maps``, looked up by input: what predict's
     ``regions.json`` and ``closest/`` use."""
 
-    model: Model
-    explained: Explained
+    def __init__(self, model: Model, explained: Explained):
+        self.model = model
+        self.explained = explained
+        self._rows: dict[Path, int] = {}  # input -> row, built once (first row of a repeated path)
+        for i, p in enumerate(explained.scored.inputs):
+            self._rows.setdefault(Path(p), i)
 
     def regions(self, path: Any, found: regions.ImageRegions) -> list[dict]:
         """``explain_region`` for each of ``found.regions`` of the input ``path``."""
@@ -130,7 +134,10 @@ class Explainer(NamedTuple):
                  look_rel)
 
     def _index(self, path: Any) -> int:
-        return [Path(p) for p in self.explained.scored.inputs].index(Path(path))
+        try:
+            return self._rows[Path(path)]
+        except KeyError:
+            raise ValueError(f"{path} was not scored by this explainer") from None
 
 
 def annotate(entry: dict, path: Any, found: regions.ImageRegions, explanations: list[dict],

@@ -85,6 +85,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def open_rgb(path_or_pil: str | os.PathLike | Image.Image) -> Image.Image:
+    """``to_rgb`` of a PIL image, or of a file decoded with ``open_image``."""
+    return to_rgb(path_or_pil if isinstance(path_or_pil, Image.Image) else open_image(path_or_pil))
+
+
 def preprocess_image(path_or_pil: str | os.PathLike | Image.Image, resize: int = 256,
                      crop: int = 224) -> np.ndarray:
     """Decodes, resizes, center-crops and normalises one image exactly like the reference.
@@ -102,8 +107,7 @@ def preprocess_image(path_or_pil: str | os.PathLike | Image.Image, resize: int =
       SettingsError: ``crop > resize``.
     """
     check_sizes(resize, crop)
-    img = path_or_pil if isinstance(path_or_pil, Image.Image) else open_image(path_or_pil)
-    img = to_rgb(img)
+    img = open_rgb(path_or_pil)
     size = resized_size(*img.size, resize)
     if size != img.size:  # torchvision returns the image untouched when the size already matches
         img = img.resize(size, Image.LANCZOS)
@@ -120,8 +124,7 @@ def normalize(img: Image.Image) -> np.ndarray:
 def preprocess_original(path_or_pil: str | os.PathLike | Image.Image) -> np.ndarray:
     """The whole image at its original resolution, ``[height, width, 3]`` float32 normalised like
     ``preprocess_image`` (the frame views' overlays)."""
-    return normalize(to_rgb(path_or_pil if isinstance(path_or_pil, Image.Image)
-                            else open_image(path_or_pil)))
+    return normalize(open_rgb(path_or_pil))
 
 
 def preprocess_frame(path_or_pil: str | os.PathLike | Image.Image, size: int = 224) -> np.ndarray:
@@ -135,7 +138,7 @@ def preprocess_frame(path_or_pil: str | os.PathLike | Image.Image, size: int = 2
     Raises:
       BadImageError: the file is missing or cannot be decoded.
     """
-    img = to_rgb(path_or_pil if isinstance(path_or_pil, Image.Image) else open_image(path_or_pil))
+    img = open_rgb(path_or_pil)
     if img.size != (size, size):
         img = img.resize((size, size), Image.LANCZOS)
     return normalize(img)
@@ -155,7 +158,7 @@ def preprocess_tiles(path_or_pil: str | os.PathLike | Image.Image, size: int, ti
       BadImageError: the file is missing or cannot be decoded.
       views.TileError: a tile is larger than the (resized) image.
     """
-    img = to_rgb(path_or_pil if isinstance(path_or_pil, Image.Image) else open_image(path_or_pil))
+    img = open_rgb(path_or_pil)
     what = "image" if isinstance(path_or_pil, Image.Image) else f"image file {path_or_pil}"
     layout = views.tile_layout(*img.size, tile_size, tile_overlap, tile_image_size, what)
     if img.size != (layout.tiled_width, layout.tiled_height):

@@ -130,13 +130,14 @@ def update(model: Model, images: Sequence[Any], variables: dict | None = None, *
             centres, info = cluster(sub, dataclasses.replace(config, num_prototypes=k_new),
                                     progress=progress)
         added = np.asarray(scoring.prepare_prototypes(centres, config.normalize_prototypes))
-        left = np.mean(exemplars.nearest(sub, added).patch_sim < level)
+        found = exemplars.nearest(sub, added)
+        left = np.mean(found.patch_sim < level)
         # Enough prototypes when the added ones cover the uncovered patches as the fit's cover
         # its own (all but COVERAGE_QUANTILE); else twice as many (FINCH levels: as they are).
         if k_new is None or k_new >= len(sub) or left <= exemplars.COVERAGE_QUANTILE:
             break
         k_new = min(2 * k_new, len(sub))
-    new_exemplars, _ = exemplars.locate(added, sub, origin[uncovered], images, config)
+    new_exemplars, _ = exemplars.locate(added, sub, origin[uncovered], images, config, found)
     record.update(prototypes_added=len(added), clustering=info.get("clustering"),
                   threshold_before=model.threshold)
     updated = dataclasses.replace(

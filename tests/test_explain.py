@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -50,10 +51,10 @@ def test_index_map_is_the_numpy_argmax(chunk_size):
     p = rng.normal(size=(11, 1792)).astype(np.float32)
     p /= np.linalg.norm(p, axis=1, keepdims=True)
     sims = _oracle_sims(stages, p)
-    fn = jax_jit(lambda a, b, c, q: scoring.patch_scores_factored([a, b, c], q, chunk_size,
+    fn = jax.jit(lambda a, b, c, q: scoring.patch_scores_factored([a, b, c], q, chunk_size,
                                                                   nearest=True))
     patch_map, index = (np.asarray(x) for x in fn(*stages, p))
-    plain = np.asarray(jax_jit(lambda a, b, c, q: scoring.patch_scores_factored([a, b, c], q,
+    plain = np.asarray(jax.jit(lambda a, b, c, q: scoring.patch_scores_factored([a, b, c], q,
                                                                                 chunk_size))(*stages, p))
     picked = np.take_along_axis(sims, index[..., None].astype(np.int64), -1)[..., 0]
     err = np.abs(picked - sims.max(-1)).max()  # the chosen prototype reaches the max (ties allowed)
@@ -64,15 +65,7 @@ def test_index_map_is_the_numpy_argmax(chunk_size):
     assert err <= TOL and map_err <= TOL
 
 
-def jax_jit(f):
-    import jax
-
-    return jax.jit(f)
-
-
 def test_score_features_nearest_vmaps():
-    import jax
-
     rng = np.random.default_rng(1)
     stages = [np.abs(rng.normal(size=(2, s, s, c))).astype(np.float32)
               for s, c in ((16, 256), (8, 512), (4, 1024))]

@@ -82,11 +82,11 @@ def read_visa(root: str | os.PathLike, category: str) -> Category:
         an unknown split or label, an anomalous test row without a mask, or an empty split.
     """
     root = Path(root)
-    csv_path, rows = read_split_csv(root)
-    rows = [(n, r) for n, r in rows if r["object"] == category]
+    csv_path, all_rows = read_split_csv(root)
+    rows = [(n, r) for n, r in all_rows if r["object"] == category]
     cat_dir = root / category
     if not cat_dir.is_dir() or not rows:
-        objects = sorted({r["object"] for _, r in read_split_csv(root)[1]})
+        objects = sorted({r["object"] for _, r in all_rows})
         problem = f"folder {cat_dir} does not exist" if not cat_dir.is_dir() else \
             f"has no rows in {csv_path}"
         raise DatasetError(f"VisA category {category!r}: {problem}; categories in the split file: "

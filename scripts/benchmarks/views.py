@@ -65,7 +65,7 @@ def _crop(rng, photo, side: int) -> Image.Image:
     return img.resize((side, side), Image.LANCZOS)
 
 
-def _defect(rng, img: Image.Image, kind: str, centre: tuple[float, float], r: float,
+def _defect(img: Image.Image, kind: str, centre: tuple[float, float], r: float,
             angle: float) -> tuple[Image.Image, np.ndarray]:
     """Paints one defect of radius ``r`` around ``centre`` (x, y); returns the image and the
     mask of the pixels that changed."""
@@ -104,7 +104,7 @@ def make_set(root: Path, photo, side: int, seed: int, counts: dict[str, int], pl
             img = _crop(rng, photo, side)
             if split == "bad":
                 centre, r = place(rng, side)
-                img, mask = _defect(rng, img, kinds[i % 3], centre, r, rng.uniform(0, np.pi))
+                img, mask = _defect(img, kinds[i % 3], centre, r, rng.uniform(0, np.pi))
                 out["masks"].append(mask)
             path = root / split / f"{i:03d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
