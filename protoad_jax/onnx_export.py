@@ -13,8 +13,9 @@ jax.export artifact takes them, ``b`` symbolic unless a batch size is fixed), tw
 prototypes are initializers inside the file, or, when they pass ``EXTERNAL_DATA_BYTES`` (a
 protobuf message cannot exceed 2 GiB: K above about 200,000 prototypes with wide_resnet50_2),
 ONNX external data in ``scorer.onnx.data`` beside it, which both runtimes read from the file's
-folder. The prototypes are the one 2-D initializer ``[k, 1792]`` (the backbone's are 4-D
-kernels and 1-D biases); ``prototype_count`` reads ``k`` back from a file.
+folder. The prototypes' initializers (whole ``[k, 1792]``, split by stage, or padded chunks) are
+found at export and named in the manifest's ``onnx.prototypes``; ``check_prototypes`` checks
+them against the manifest at load.
 """
 
 from __future__ import annotations
@@ -293,12 +294,6 @@ def session(path: Path, runtime: str, precision: str, error: type[Exception], fi
         return tuple(np.array(res[c.output(n)]) for n in OUTPUTS)
 
     return run, shapes
-
-
-def runtime_version(runtime: str) -> str:
-    from importlib import metadata
-
-    return metadata.version(runtime)
 
 
 def check_runtime(runtime: str | None, precision: str | None, error: type[Exception]

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from export_damage import (
+    assert_refused,
+    copy_folder,
+    edit_manifest,
+    flip_byte,
+    refresh_checksum,
+    truncate,
+)
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
@@ -243,37 +250,6 @@ def test_bad_arguments(model, variables, tmp_path):
 # ----------------------------------------------------------------------------- bad artifacts
 
 
-def _copy(exported: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(exported, tmp_path / "copy"))
-
-
-def _edit_manifest(folder: Path, edit) -> None:
-    path = folder / export.MANIFEST
-    m = json.loads(path.read_text())
-    edit(m)
-    path.write_text(json.dumps(m))
-
-
-def _refresh_checksum(folder: Path, key: str) -> None:
-    """Makes the manifest agree with a file again, so a later check has to catch the damage."""
-    name = {"artifact": export.ARTIFACT, "weights": export.WEIGHTS}[key]
-
-    def edit(m):
-        m["files"][key].update(bytes=(folder / name).stat().st_size, sha256=_sha256(folder / name))
-
-    _edit_manifest(folder, edit)
-
-
-def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def _flip_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def _set(keys: tuple, value):
     def edit(m):
         node = m
@@ -285,33 +261,33 @@ def _set(keys: tuple, value):
 
 CORRUPTIONS = {
     # name: (damage(folder), file the error must name, pattern)
-    "truncated artifact": (lambda d: _truncate(d / export.ARTIFACT), export.ARTIFACT, r"bytes but .*truncated"),
-    "edited artifact byte": (lambda d: _flip_byte(d / export.ARTIFACT), export.ARTIFACT, "sha256"),
-    "truncated weights": (lambda d: _truncate(d / export.WEIGHTS), export.WEIGHTS, "truncated"),
-    "edited weights byte": (lambda d: _flip_byte(d / export.WEIGHTS), export.WEIGHTS, "sha256"),
-    "manifest sha mismatch": (lambda d: _edit_manifest(d, _set(("files", "artifact", "sha256"), "0" * 64)),
+    "truncated artifact": (lambda d: truncate(d / export.ARTIFACT), export.ARTIFACT, r"bytes but .*truncated"),
+    "edited artifact byte": (lambda d: flip_byte(d / export.ARTIFACT), export.ARTIFACT, "sha256"),
+    "truncated weights": (lambda d: truncate(d / export.WEIGHTS), export.WEIGHTS, "truncated"),
+    "edited weights byte": (lambda d: flip_byte(d / export.WEIGHTS), export.WEIGHTS, "sha256"),
+    "manifest sha mismatch": (lambda d: edit_manifest(d, _set(("files", "artifact", "sha256"), "0" * 64)),
                               export.ARTIFACT, "sha256 .* but manifest.json says 0000"),
-    "manifest edited input shape": (lambda d: _edit_manifest(d, _set(("input", "shape"), ["b", 224, 224, 3])),
+    "manifest edited input shape": (lambda d: edit_manifest(d, _set(("input", "shape"), ["b", 224, 224, 3])),
                                     export.MANIFEST, "input shape is .*224.* the artifact's .*112"),
-    "manifest edited platforms": (lambda d: _edit_manifest(d, _set(("jax_export", "platforms"), ["cpu", "tpu"])),
+    "manifest edited platforms": (lambda d: edit_manifest(d, _set(("jax_export", "platforms"), ["cpu", "tpu"])),
                                   export.MANIFEST, "platforms"),
-    "manifest edited crop": (lambda d: _edit_manifest(d, _set(("preprocessing", "crop"), 100)),
+    "manifest edited crop": (lambda d: edit_manifest(d, _set(("preprocessing", "crop"), 100)),
                              export.MANIFEST, "crop 100 does not match"),
     "manifest not JSON": (lambda d: (d / export.MANIFEST).write_text("{\"format\": "),
                           export.MANIFEST, "not readable JSON"),
-    "manifest lacks an entry": (lambda d: _edit_manifest(d, lambda m: m.pop("input")),
+    "manifest lacks an entry": (lambda d: edit_manifest(d, lambda m: m.pop("input")),
                                 export.MANIFEST, "lacks or mistypes the entry 'input'"),
-    "manifest of a newer format": (lambda d: _edit_manifest(d, _set(("format_version",), 2)),
+    "manifest of a newer format": (lambda d: edit_manifest(d, _set(("format_version",), 2)),
                                    export.MANIFEST, "format version 2"),
     "missing manifest": (lambda d: (d / export.MANIFEST).unlink(), export.MANIFEST, "is missing"),
     "missing artifact": (lambda d: (d / export.ARTIFACT).unlink(), export.ARTIFACT, "is missing"),
     "missing weights": (lambda d: (d / export.WEIGHTS).unlink(), export.WEIGHTS, "is missing"),
     "damaged artifact, checksum updated": (
-        lambda d: (_truncate(d / export.ARTIFACT), _refresh_checksum(d, "artifact")),
+        lambda d: (truncate(d / export.ARTIFACT), refresh_checksum(d, "artifact", export.ARTIFACT)),
         export.ARTIFACT, "cannot be deserialized by jax .*same jax version, so the file is damaged"),
     "weights of another model, checksum updated": (
         lambda d: (np.savez(d / export.WEIGHTS, prototypes=np.zeros((3, 1792), np.float32)),
-                   _refresh_checksum(d, "weights")),
+                   refresh_checksum(d, "weights", export.WEIGHTS)),
         export.WEIGHTS, r"does not fit the artifact: missing \['params/"),
 }
 
@@ -319,15 +295,9 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
 def test_bad_artifact_is_refused_naming_file_and_fix(case, exported, tmp_path):
     damage, name, pattern = CORRUPTIONS[case]
-    folder = _copy(exported, tmp_path)
+    folder = copy_folder(exported, tmp_path)
     damage(folder)
-    with pytest.raises(ExportError) as info:
-        protoad_jax.load_exported(folder)
-    msg = str(info.value)
-    print(f"{case}: {msg}")
-    assert str(folder / name) in msg, msg
-    assert re.search(pattern, msg), (pattern, msg)
-    assert "re-export" in msg or "pip install" in msg, msg
+    assert_refused(case, folder, name, pattern, fixes=("re-export", "pip install"))
 
 
 def test_missing_directory(tmp_path):
@@ -337,16 +307,16 @@ def test_missing_directory(tmp_path):
 
 def test_jax_that_cannot_run_the_artifact(exported, tmp_path, monkeypatch):
     # An artifact from a newer jax: its calling convention is beyond this jax's range.
-    folder = _copy(exported, tmp_path)
-    _edit_manifest(folder, _set(("versions", "jax"), "99.0.0"))
-    _edit_manifest(folder, _set(("jax_export", "calling_convention_version"), 99))
+    folder = copy_folder(exported, tmp_path)
+    edit_manifest(folder, _set(("versions", "jax"), "99.0.0"))
+    edit_manifest(folder, _set(("jax_export", "calling_convention_version"), 99))
     with pytest.raises(ExportError, match=rf"calling convention 99; jax {re.escape(jax.__version__)} runs "
                        rf".*needs jax >= 99\.0\.0, found {re.escape(jax.__version__)}"):
         protoad_jax.load_exported(folder)
     # Same convention, but the deserializer refuses (a newer flatbuffer schema, say).
-    _edit_manifest(folder, _set(("jax_export", "calling_convention_version"),
-                                json.loads((exported / export.MANIFEST).read_text())["jax_export"]
-                                ["calling_convention_version"]))
+    edit_manifest(folder, _set(("jax_export", "calling_convention_version"),
+                               json.loads((exported / export.MANIFEST).read_text())["jax_export"]
+                               ["calling_convention_version"]))
 
     def refuse(blob):
         raise ValueError("unsupported serialization version")
@@ -356,13 +326,13 @@ def test_jax_that_cannot_run_the_artifact(exported, tmp_path, monkeypatch):
                        r"needs jax >= 99\.0\.0.*if jax is not the cause, the file is damaged"):
         protoad_jax.load_exported(folder)
     # An artifact from an older jax this one no longer reads.
-    _edit_manifest(folder, _set(("versions", "jax"), "0.0.1"))
+    edit_manifest(folder, _set(("versions", "jax"), "0.0.1"))
     with pytest.raises(ExportError, match=r"written by jax 0\.0\.1; this jax .* no longer reads it: re-export"):
         protoad_jax.load_exported(folder)
     # This jax's own version but an impossible convention: the manifest was edited.
     monkeypatch.undo()
-    _edit_manifest(folder, _set(("versions", "jax"), jax.__version__))
-    _edit_manifest(folder, _set(("jax_export", "calling_convention_version"), 99))
+    edit_manifest(folder, _set(("versions", "jax"), jax.__version__))
+    edit_manifest(folder, _set(("jax_export", "calling_convention_version"), 99))
     with pytest.raises(ExportError, match=r"calling convention 99; .*manifest\.json was edited .*re-export"):
         protoad_jax.load_exported(folder)
 

@@ -23,6 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from export_damage import (
+    assert_refused,
+    copy_folder,
+    edit_manifest,
+    flip_byte,
+    refresh_checksum,
+    truncate,
+)
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
@@ -166,7 +174,7 @@ def test_external_data(models, variables, images, live, tmp_path, monkeypatch):
         dmap, dscore = _diffs(scorer(images[:3]), live[KS[0], 3])
         print(f"external data, {runtime} {precision}: max |map diff| {dmap:.3g}, score {dscore:.3g}")
         assert dmap <= tol and dscore <= tol
-    for damage, pattern in ((_truncate, "truncated"), (_flip_byte, "sha256"),
+    for damage, pattern in ((truncate, "truncated"), (flip_byte, "sha256"),
                             (lambda p: p.unlink(), "is missing")):
         copy = Path(shutil.copytree(folder, tmp_path / f"c{damage.__name__}"))
         damage(copy / data)
@@ -192,61 +200,34 @@ def test_fixed_batch(models, variables, images, live, tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-def _copy(folder: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(folder, tmp_path / "copy"))
-
-
-def _edit_manifest(folder: Path, edit) -> None:
-    m = json.loads((folder / export.MANIFEST).read_text())
-    edit(m)
-    (folder / export.MANIFEST).write_text(json.dumps(m))
-
-
-def _refresh_checksum(folder: Path) -> None:
-    import hashlib
-
-    path = folder / onnx_export.ARTIFACT
-    _edit_manifest(folder, lambda m: m["files"]["artifact"].update(
-        bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest()))
-
-
-def _truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-def _flip_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 ONNX = onnx_export.ARTIFACT
 CORRUPTIONS = {
     # name: (damage(folder, other export), file the error must name, pattern)
-    "truncated scorer.onnx": (lambda d, o: _truncate(d / ONNX), ONNX, r"bytes but .*truncated"),
-    "edited byte": (lambda d, o: _flip_byte(d / ONNX), ONNX, "sha256"),
+    "truncated scorer.onnx": (lambda d, o: truncate(d / ONNX), ONNX, r"bytes but .*truncated"),
+    "edited byte": (lambda d, o: flip_byte(d / ONNX), ONNX, "sha256"),
     "manifest sha mismatch": (
-        lambda d, o: _edit_manifest(d, lambda m: m["files"]["artifact"].update(sha256="0" * 64)),
+        lambda d, o: edit_manifest(d, lambda m: m["files"]["artifact"].update(sha256="0" * 64)),
         ONNX, "sha256 .* but manifest.json says 0000"),
     "scorer.onnx of another model": (lambda d, o: shutil.copy(o / ONNX, d / ONNX), ONNX,
                                      "truncated or replaced|edited or replaced"),
-    "damaged, checksum updated": (lambda d, o: (_truncate(d / ONNX), _refresh_checksum(d)),
-                                  ONNX, "cannot be read by onnxruntime"),
+    "damaged, checksum updated": (
+        lambda d, o: (truncate(d / ONNX), refresh_checksum(d, "artifact", ONNX)),
+        ONNX, "cannot be read by onnxruntime"),
     "manifest edited input shape": (
-        lambda d, o: _edit_manifest(d, lambda m: m["input"].update(shape=["b", 224, 224, 3])),
+        lambda d, o: edit_manifest(d, lambda m: m["input"].update(shape=["b", 224, 224, 3])),
         export.MANIFEST, r"input shape is \['b', 224, 224, 3\], the file's \['b', 64, 64, 3\]"),
-    "manifest lacks its onnx entry": (lambda d, o: _edit_manifest(d, lambda m: m.pop("onnx")),
+    "manifest lacks its onnx entry": (lambda d, o: edit_manifest(d, lambda m: m.pop("onnx")),
                                       export.MANIFEST, "lacks or mistypes the entry 'onnx'"),
     "manifest of an unknown artifact format": (
-        lambda d, o: _edit_manifest(d, lambda m: m.update(artifact_format="tflite")),
+        lambda d, o: edit_manifest(d, lambda m: m.update(artifact_format="tflite")),
         export.MANIFEST, "artifact_format 'tflite'"),
     "missing scorer.onnx": (lambda d, o: (d / ONNX).unlink(), ONNX, "is missing"),
     "scorer.onnx of another K, checksum updated": (
-        lambda d, o: (shutil.copy(o / ONNX, d / ONNX), _refresh_checksum(d)), export.MANIFEST,
+        lambda d, o: (shutil.copy(o / ONNX, d / ONNX), refresh_checksum(d, "artifact", ONNX)),
+        export.MANIFEST,
         r"the manifest's prototype initializers are \{.*\[1, 6, 256\].*\}, the file has"),
     "manifest edited num_prototypes": (
-        lambda d, o: _edit_manifest(d, lambda m: m["model"].update(num_prototypes=7)),
+        lambda d, o: edit_manifest(d, lambda m: m["model"].update(num_prototypes=7)),
         export.MANIFEST, r"num_prototypes is 7, the file's prototypes are \[1, 6, \d+\]"),
     "external data not in the manifest": (
         lambda d, o: (d / onnx_export.EXTERNAL_DATA).write_bytes(b"x"), onnx_export.EXTERNAL_DATA,
@@ -257,15 +238,9 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
 def test_bad_directory_is_refused_naming_file_and_fix(case, exports, tmp_path):
     damage, name, pattern = CORRUPTIONS[case]
-    folder = _copy(exports[KS[0]], tmp_path)
+    folder = copy_folder(exports[KS[0]], tmp_path)
     damage(folder, exports[KS[1]])
-    with pytest.raises(ExportError) as info:
-        protoad_jax.load_exported(folder)
-    msg = str(info.value)
-    print(f"{case}: {msg}")
-    assert str(folder / name) in msg, msg
-    assert re.search(pattern, msg), (pattern, msg)
-    assert "re-export" in msg, msg
+    assert_refused(case, folder, name, pattern, fixes=("re-export",))
 
 
 @pytest.mark.parametrize("runtime", onnx_export.RUNTIMES)

@@ -133,20 +133,18 @@ def _exclusive(spans: list, start: float, end: float) -> dict[str, float]:
 
 
 def _setup(workdir: Path, k: int, weights_path: str | None, arch: str) -> dict[str, Path]:
-    import numpy as np
+    import harness
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
     import protoad_jax
-    from protoad_jax import Config, export, scoring, weights
+    from protoad_jax import Config, export, weights
 
     workdir.mkdir(parents=True, exist_ok=True)
     w = Path(weights_path) if weights_path else workdir / f"{arch}_random.npz"
     if not w.exists():
         weights.save_variables(w, weights.random_variables(arch))
-    p = np.random.default_rng(0).standard_normal((k, 1792), dtype=np.float32)
-    model = protoad_jax.Model(np.asarray(scoring.prepare_prototypes(p, normalize=True)),
-                              Config(arch=arch), weights=str(w))
+    model = protoad_jax.Model(harness.prototypes(k), Config(arch=arch), weights=str(w))
     files = {"model": model.save(workdir / "model.npz"), "image": workdir / "china.png"}
     Image.fromarray(load_sample_images().images[0]).save(files["image"])
     variables = weights.load_backbone(w, arch)
